@@ -1,0 +1,98 @@
+"""Causal multi-head self-attention: how each token gathers information from the tokens before it.
+
+A language model predicts the next token from the ones before it, so token ``t`` may look at tokens
+``0..t`` and never at the future. Self-attention lets every position build its output as a weighted
+average of the *values* of the earlier positions, with weights that it computes from how well its
+*query* matches their *keys*:
+
+    attention(Q, K, V) = softmax(mask(Q K^T / sqrt(head_dim))) V
+
+Multi-head attention runs ``n_heads`` such averages side by side on slices of the embedding, so that
+different heads can attend to different things, then mixes them with an output projection.
+
+The middle step, scale + causal mask + softmax, can be computed three ways, chosen by ``attn_impl``:
+
+- ``"eager"``: the plain PyTorch reference, written out step by step. It materialises the
+  ``(B, H, T, T)`` score matrix several times, which makes it memory-bound.
+- ``"sdpa"``: PyTorch's ``scaled_dot_product_attention``, which picks a fused kernel when it can.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTN_IMPLS = ("eager", "sdpa")
+
+
+# --8<-- [start:mha]
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention over a sequence of ``d_in``-dimensional vectors."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        n_heads: int,
+        drop_rate: float = 0.0,
+        qkv_bias: bool = False,
+        attn_impl: str = "eager",
+    ):
+        super().__init__()
+        if d_out % n_heads != 0:
+            raise ValueError(f"d_out ({d_out}) must be divisible by n_heads ({n_heads})")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+        self.d_out = d_out
+        self.n_heads = n_heads
+        self.head_dim = d_out // n_heads
+        self.drop_rate = drop_rate
+        self.attn_impl = attn_impl
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(drop_rate)
+        # True above the diagonal: the future positions a query must not see. A buffer moves with
+        # the module (.to(device)) but is not a trained parameter, and is not saved in checkpoints.
+        mask = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape  # (B, T, d_in)
+        # Project, then split the last dimension into heads and move heads before time.
+        q = self.W_query(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.W_key(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        v = self.W_value(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        context = self.attend(q, k, v)  # (B, H, T, hd)
+        # Put the heads side by side again and mix them.
+        context = context.transpose(1, 2).reshape(B, T, self.d_out)  # (B, T, d_out)
+        return self.out_proj(context)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention core: causal softmax(q k^T / sqrt(head_dim)) v, by ``attn_impl``."""
+        if self.attn_impl == "sdpa":
+            drop = self.drop_rate if self.training else 0.0
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        T = q.shape[-2]
+        scale = 1.0 / math.sqrt(self.head_dim)
+        scores = q @ k.transpose(-2, -1)  # (B, H, T, T)
+        weights = causal_softmax(scores, scale, self.mask[:T, :T])  # (B, H, T, T)
+        weights = self.dropout(weights)
+        return weights @ v  # (B, H, T, hd)
+# --8<-- [end:mha]
+
+
+# --8<-- [start:causal_softmax]
+def causal_softmax(scores: torch.Tensor, scale: float, mask: torch.Tensor) -> torch.Tensor:
+    """The plain reference: scale, hide the future with -inf, softmax over each row.
+
+    Each of the three steps reads and writes a full ``(..., T, T)`` tensor. With ``exp(-inf) = 0``
+    the masked positions get exactly zero weight, and the rows still sum to one.
+    """
+    scores = scores * scale
+    scores = scores.masked_fill(mask, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+# --8<-- [end:causal_softmax]

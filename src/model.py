@@ -1,0 +1,198 @@
+"""The GPT model: a stack of identical transformer blocks between an embedding and an output head.
+
+Token ids go in, one row of next-token logits per position comes out:
+
+    ids (B, T) -> token embedding + position embedding -> n_layers x TransformerBlock
+               -> final LayerNorm -> linear head -> logits (B, T, vocab_size)
+
+Every block is *pre-LN*, as in GPT-2: normalise, transform, then add the result back onto the
+residual stream ``x``. The residual stream carries information straight from the input to the
+output, so gradients reach the first layers even in a deep stack, and LayerNorm keeps each sub-layer's
+input at a scale it can handle.
+
+The configuration uses the book's names, and the presets reproduce GPT-2's four sizes plus small
+models that train in minutes on a laptop CPU.
+"""
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+from src.attention import ATTN_IMPLS, MultiHeadAttention
+
+
+# --8<-- [start:config]
+@dataclass(frozen=True)
+class GPTConfig:
+    """Everything that determines the model's shape and behaviour."""
+
+    vocab_size: int = 50257  # number of distinct token ids (GPT-2's BPE has 50,257)
+    context_length: int = 1024  # the longest sequence the position embedding covers
+    emb_dim: int = 768  # width of the residual stream
+    n_heads: int = 12  # attention heads per block; emb_dim must be divisible by it
+    n_layers: int = 12  # transformer blocks
+    drop_rate: float = 0.1  # dropout on embeddings, attention weights and residual branches
+    qkv_bias: bool = False  # biases on the query/key/value projections (GPT-2 has them)
+    attn_impl: str = "eager"  # "eager" | "sdpa" (see src/attention.py)
+    tie_weights: bool = False  # share the token embedding with the output head (GPT-2 does)
+
+    def __post_init__(self):
+        if self.emb_dim % self.n_heads != 0:
+            raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        """A named preset, with any field overridden: ``GPTConfig.from_preset("gpt2-small", drop_rate=0)``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, GPTConfig] = {
+    # GPT-2's four sizes (Radford et al., 2019), with the book's defaults for training from scratch.
+    "gpt2-small": GPTConfig(emb_dim=768, n_heads=12, n_layers=12),  # 124M with tied weights
+    "gpt2-medium": GPTConfig(emb_dim=1024, n_heads=16, n_layers=24),  # 355M
+    "gpt2-large": GPTConfig(emb_dim=1280, n_heads=20, n_layers=36),  # 774M
+    "gpt2-xl": GPTConfig(emb_dim=1600, n_heads=25, n_layers=48),  # 1558M
+    # Small models for a laptop CPU. vocab_size is set from the tokenizer when training.
+    "cpu-small": GPTConfig(
+        vocab_size=8192, context_length=256, emb_dim=256, n_heads=4, n_layers=4, drop_rate=0.0
+    ),
+    "cpu-tiny": GPTConfig(
+        vocab_size=1024, context_length=64, emb_dim=64, n_heads=2, n_layers=2, drop_rate=0.0
+    ),
+}
+# --8<-- [end:config]
+
+
+# --8<-- [start:layernorm]
+class LayerNorm(nn.Module):
+    """Normalise each vector to zero mean and unit variance, then scale and shift it (learned)."""
+
+    def __init__(self, emb_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps  # keeps the division finite when a vector is constant
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)  # biased, as GPT-2 and nn.LayerNorm
+        return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
+# --8<-- [end:layernorm]
+
+
+# --8<-- [start:gelu]
+class GELU(nn.Module):
+    """GELU, x * Phi(x), with the tanh approximation that GPT-2 was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+# --8<-- [end:gelu]
+
+
+# --8<-- [start:feedforward]
+class FeedForward(nn.Module):
+    """Position-wise MLP: widen to 4 x emb_dim, apply GELU, project back."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            GELU(),
+            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+# --8<-- [end:feedforward]
+
+
+# --8<-- [start:block]
+class TransformerBlock(nn.Module):
+    """Pre-LN block: x + attention(norm(x)), then x + feedforward(norm(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg.emb_dim,
+            d_out=cfg.emb_dim,
+            context_length=cfg.context_length,
+            n_heads=cfg.n_heads,
+            drop_rate=cfg.drop_rate,
+            qkv_bias=cfg.qkv_bias,
+            attn_impl=cfg.attn_impl,
+        )
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg.emb_dim)
+        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, emb_dim) -> (B, T, emb_dim)
+        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+        x = x + self.drop_shortcut(self.ff(self.norm2(x)))
+        return x
+# --8<-- [end:block]
+
+
+# --8<-- [start:model]
+class GPTModel(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if cfg.tie_weights:
+            # One matrix both reads tokens in and scores tokens out: saves vocab_size x emb_dim.
+            self.out_head.weight = self.tok_emb.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        if T > self.cfg.context_length:
+            raise ValueError(f"sequence length {T} exceeds context_length {self.cfg.context_length}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, emb_dim)
+        x = self.drop_emb(x)
+        x = self.trf_blocks(x)  # (B, T, emb_dim)
+        x = self.final_norm(x)
+        return self.out_head(x)  # (B, T, vocab_size)
+# --8<-- [end:model]
+
+    # --8<-- [start:init]
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2's initialisation: N(0, 0.02) weights and zero biases; the two projections in each
+        block that write into the residual stream get std 0.02 / sqrt(2 n_layers), so the stream's
+        variance does not grow with depth. (``apply`` visits a block after its children, so the
+        block's rule overrides the generic Linear one.)"""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, TransformerBlock):
+            residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+            for proj in (module.att.out_proj, module.ff.layers[2]):
+                nn.init.normal_(proj.weight, mean=0.0, std=residual_std)
+    # --8<-- [end:init]
+
+
+# --8<-- [start:count]
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, each shared tensor counted once (tied weights count once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+# --8<-- [end:count]

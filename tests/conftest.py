@@ -1,0 +1,29 @@
+"""Shared test fixtures: where the reference data lives, and deterministic seeds."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def reference_data() -> Path:
+    """The folder of real reference data (GPT-2 vocabulary, the story, instruction data).
+
+    ``.ci/run`` points ``GPT_REFERENCE_DATA`` at ``../shared/data``; on a fresh clone without it the
+    tests that need it are skipped, saying why.
+    """
+    path = os.environ.get("GPT_REFERENCE_DATA")
+    if not path:
+        pytest.skip("GPT_REFERENCE_DATA is not set (reference data is outside the repository)")
+    if not Path(path).is_dir():
+        pytest.skip(f"GPT_REFERENCE_DATA={path} is not a directory")
+    return Path(path)

@@ -1,0 +1,80 @@
+"""The model's building blocks: sizes, shapes and the equivalence of the attention paths."""
+
+import pytest
+import torch
+
+from src.attention import MultiHeadAttention
+from src.model import GELU, PRESETS, GPTConfig, GPTModel, LayerNorm, count_parameters
+
+
+def test_gpt2_small_parameter_count_untied_and_tied():
+    # Counted from the architecture; the reference figures are the book's.
+    cfg = GPTConfig.from_preset("gpt2-small")
+    assert count_parameters(GPTModel(cfg)) == 163_009_536
+    tied = GPTModel(GPTConfig.from_preset("gpt2-small", tie_weights=True))
+    assert count_parameters(tied) == 124_412_160
+    assert tied.out_head.weight.data_ptr() == tied.tok_emb.weight.data_ptr()
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(ValueError, match="gpt2-small"):
+        GPTConfig.from_preset("gpt5")
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(emb_dim=100, n_heads=3)
+    with pytest.raises(ValueError, match="attn_impl"):
+        GPTConfig(attn_impl="magic")
+
+
+def test_layernorm_and_gelu_match_torch():
+    x = torch.randn(4, 7, 32, dtype=torch.float64)
+    ours = LayerNorm(32).double()
+    ref = torch.nn.LayerNorm(32, eps=1e-5).double()
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(GELU()(x), torch.nn.functional.gelu(x, approximate="tanh"))
+
+
+def test_forward_shape_and_context_guard():
+    cfg = PRESETS["cpu-tiny"]
+    model = GPTModel(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (3, 10))
+    assert model(idx).shape == (3, 10, cfg.vocab_size)
+    with pytest.raises(ValueError, match="context_length"):
+        model(torch.zeros(1, cfg.context_length + 1, dtype=torch.long))
+
+
+def test_init_scales_residual_projections():
+    cfg = GPTConfig.from_preset("cpu-small", n_layers=8)
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    block = model.trf_blocks[0]
+    expected = 0.02 / (2 * cfg.n_layers) ** 0.5
+    assert block.att.out_proj.weight.std().item() == pytest.approx(expected, rel=0.05)
+    assert block.ff.layers[2].weight.std().item() == pytest.approx(expected, rel=0.05)
+    assert block.att.W_query.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+@pytest.mark.parametrize("T", [1, 5, 16])
+def test_eager_and_sdpa_agree_on_outputs_and_gradients(T):
+    torch.manual_seed(1)
+    eager = MultiHeadAttention(32, 32, 16, 4, qkv_bias=True, attn_impl="eager").double()
+    sdpa = MultiHeadAttention(32, 32, 16, 4, qkv_bias=True, attn_impl="sdpa").double()
+    sdpa.load_state_dict(eager.state_dict())
+    x = torch.randn(2, T, 32, dtype=torch.float64)
+    out_e, out_s = eager(x), sdpa(x)
+    torch.testing.assert_close(out_s, out_e)
+    (out_e**2).sum().backward()
+    (out_s**2).sum().backward()
+    for (name, pe), ps in zip(eager.named_parameters(), sdpa.parameters()):
+        torch.testing.assert_close(ps.grad, pe.grad, msg=name)
+
+
+def test_causality_future_tokens_do_not_change_the_past():
+    cfg = PRESETS["cpu-tiny"]
+    model = GPTModel(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (1, 12))
+    changed = idx.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % cfg.vocab_size
+    torch.testing.assert_close(model(idx)[:, :8], model(changed)[:, :8])
