@@ -57,6 +57,8 @@ def sample_next(
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
 # --8<-- [end:sample]
 
 
@@ -98,6 +100,8 @@ def stream(
         yield idx_next
         if eos_id is not None and finished.all():
             return
+
+
 # --8<-- [end:stream]
 
 
@@ -120,6 +124,8 @@ def generate(
         temperature, top_k, top_p, eos_id, generator, use_cache,
     )  # fmt: skip
     return torch.cat([idx, *new], dim=1)
+
+
 # --8<-- [end:generate]
 
 
@@ -130,17 +136,31 @@ def build_parser() -> argparse.ArgumentParser:
         description="Continue a prompt with a trained checkpoint, printing tokens as they come.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True,
-                   help="a run folder (its latest checkpoint is used) or a checkpoint folder")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run folder (its latest checkpoint is used) or a checkpoint folder",
+    )
     p.add_argument("--prompt", default="", help="text to continue ('' starts from end-of-text)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
-    p.add_argument("--temperature", type=float, default=0.8,
-                   help="0 is greedy; below 1 sharpens, above 1 flattens the distribution")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        help="0 is greedy; below 1 sharpens, above 1 flattens the distribution",
+    )
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="sample among the most likely tokens whose probabilities sum to p")
-    p.add_argument("--no-kv-cache", action="store_true",
-                   help="recompute the whole sequence for every token (to compare speed)")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="sample among the most likely tokens whose probabilities sum to p",
+    )
+    p.add_argument(
+        "--no-kv-cache",
+        action="store_true",
+        help="recompute the whole sequence for every token (to compare speed)",
+    )
     p.add_argument("--seed", type=int, default=123, help="seed of the sampling generator")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     return p  # fmt: skip
@@ -186,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n\n[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s, KV cache {cache}]",
           file=sys.stderr)  # fmt: skip
     return 0
+
+
 # --8<-- [end:cli]
 
 

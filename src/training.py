@@ -73,6 +73,8 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
 def grad_scaler(device: torch.device, dtype: str) -> torch.amp.GradScaler:
     """Multiplies the loss before backward so that small fp16 gradients do not flush to zero."""
     return torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
+
+
 # --8<-- [end:device]
 
 
@@ -92,6 +94,8 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
         raise NonFiniteLossError(
             f"loss is {loss.item()} at step {step}; stopping (the last good checkpoint is kept)"
         )
+
+
 # --8<-- [end:loss]
 
 
@@ -112,6 +116,8 @@ def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=lr)
+
+
 # --8<-- [end:optimizer]
 
 
@@ -130,6 +136,8 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int
         return min_lr
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
 # --8<-- [end:schedule]
 
 
@@ -158,6 +166,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(decode(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
+
+
 # --8<-- [end:rng]
 
 
@@ -234,4 +244,6 @@ def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
     # weights_only: a checkpoint from elsewhere cannot run code when it is loaded.
     state = torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state)
+
+
 # --8<-- [end:checkpoint]
