@@ -301,7 +301,9 @@ def private_cache(env, monkeypatch):
     ],
     ids=["unknown-preset", "context-too-long", "batch-larger-than-data", "batch-not-divisible"],
 )  # fmt: skip
-def test_impossible_settings_fail_before_work(tmp_path, corpus, capsys, private_cache, extra, message):
+def test_impossible_settings_fail_before_work(
+    tmp_path, corpus, capsys, private_cache, extra, message
+):
     code, line = _error(capsys, [*TINY, "--data", str(corpus), "--out-dir", str(tmp_path), *extra])
     assert code != 0 and message in line
     assert not (tmp_path / "metrics.jsonl").exists()
