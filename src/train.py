@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--dropout", type=float, default=None, help="dropout rate (default: the preset's)")
     a(
+        "--init",
+        default="gpt2",
+        choices=["gpt2", "pytorch"],
+        help="initial weights: GPT-2's N(0, 0.02) scheme, or PyTorch's layer defaults "
+        "(N(0, 1) embeddings), as the book's chapter 5 experiment uses",
+    )
+    a(
         "--batch-size",
         type=int,
         default=8,
@@ -273,6 +280,16 @@ def build_config(args, vocab_size: int) -> GPTConfig:
     return GPTConfig.from_preset(args.preset, **overrides)
 
 
+def pytorch_default_init(model: GPTModel) -> None:
+    """Re-draw every linear and embedding layer with PyTorch's own defaults: Kaiming-uniform
+    linears (std about 1 / sqrt(3 fan_in)) and N(0, 1) embeddings, fifty times GPT-2's 0.02.
+    Large embeddings dominate the residual stream at first, which makes a small corpus quick
+    to memorise."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            module.reset_parameters()
+
+
 def check_resumable(meta: dict, cfg: GPTConfig, tokenizer_fp: str, ckpt: Path) -> None:
     """A checkpoint continues only the same model on the same tokenizer."""
     saved = dict(meta["config"], attn_impl=cfg.attn_impl)  # the attention path may change
@@ -380,7 +397,10 @@ def train(args) -> dict:
 
     # --- model and optimizer: the same initial weights on every process ---
     torch.manual_seed(args.seed)
-    model = GPTModel(cfg).to(device)
+    model = GPTModel(cfg)
+    if args.init == "pytorch":
+        pytorch_default_init(model)
+    model = model.to(device)
     optimizer = adamw(model, args.lr, args.weight_decay)
     scaler = grad_scaler(device, args.dtype)
     step = 0
