@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 import regex
+import tiktoken
 
 # --8<-- [start:pattern]
 # GPT-2's split pattern as tiktoken writes it: contractions, letters, digits, other symbols, each
@@ -342,8 +343,6 @@ class TokenizerNotFound(ValueError):
 def get_tokenizer(spec: str):
     """``"gpt2"``: tiktoken's GPT-2 encoding; a directory with ``encoder.json`` and ``vocab.bpe``:
     our BPE from GPT-2's files; a file: our BPE saved with ``save``."""
-    import tiktoken  # only needed here, for the reference encoding
-
     if spec == "gpt2":
         try:
             return tiktoken.get_encoding("gpt2")
