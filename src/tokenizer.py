@@ -270,8 +270,8 @@ class BPETokenizer:
             raise ValueError(f"cannot read a tokenizer from {path}: {err}") from None
         if not isinstance(model, dict) or model.get("format") != "byte-level-bpe":
             raise ValueError(f"{path} is not a tokenizer saved by BPETokenizer.save")
-        ranks = {printable_to_bytes(t): r for r, t in enumerate(model["tokens"])}
-        return cls(ranks, model["special_tokens"], model["pattern"])
+        ranks = {printable_to_bytes(t): r for r, t in enumerate(model.get("tokens", []))}
+        return cls(ranks, model.get("special_tokens"), model.get("pattern", GPT2_PATTERN))
     # --8<-- [end:save]
 
     # --8<-- [start:gpt2_files]
@@ -283,6 +283,8 @@ class BPETokenizer:
         encoder = json.loads(Path(encoder_json).read_text("utf-8"))
         lines = Path(vocab_bpe).read_text("utf-8").splitlines()
         merges = [line.split(" ") for line in lines[1:] if line]  # line 0 is "#version: ..."
+        if any(len(m) != 2 for m in merges):
+            raise ValueError(f"{vocab_bpe}: every line after the first must be two tokens")
         ranks: dict[bytes, int] = {}
         for s in [BYTE_TO_CHAR[b] for b in BYTE_ORDER] + [a + b for a, b in merges]:
             if s not in encoder:
