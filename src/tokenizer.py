@@ -34,9 +34,10 @@ import tiktoken
 
 # --8<-- [start:pattern]
 # GPT-2's split pattern as tiktoken writes it: contractions, letters, digits, other symbols, each
-# with at most one leading space; then whitespace. `\s+(?!\S)` leaves the last space of a run for the
-# word that follows, so " dog" keeps its space. Possessive `++` never backtracks, which is both faster
-# and what tiktoken's Rust engine does. Python's `re` lacks `\p{L}`/`\p{N}`; the `regex` package has them.
+# with at most one leading space; then whitespace: `\s++$` takes it all at the end of the text,
+# `\s+(?!\S)` leaves the last space of a run to the word that follows (" dog" keeps its space).
+# A possessive `++` never gives characters back, which spares the engine useless backtracking.
+# Python's `re` lacks `\p{L}`/`\p{N}`; the `regex` package has them.
 GPT2_PATTERN = (
     r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 )
@@ -59,6 +60,7 @@ def _gpt2_byte_order() -> list[int]:
 
 
 BYTE_ORDER = _gpt2_byte_order()
+# The first 188 bytes in this order are the printable ones.
 BYTE_TO_CHAR = {b: chr(b) if i < 188 else chr(256 + i - 188) for i, b in enumerate(BYTE_ORDER)}
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
