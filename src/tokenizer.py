@@ -210,7 +210,8 @@ class BPETokenizer:
         # Lone surrogates cannot be UTF-8 encoded; like tiktoken, replace them with U+FFFD.
         text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         ids = []
-        for i, chunk in enumerate(_split_specials(text, allowed_special)):
+        allowed = set(allowed_special) & set(self.special_tokens)
+        for i, chunk in enumerate(_split_specials(text, allowed)):
             if i % 2:
                 ids.append(self.special_tokens[chunk])
             else:

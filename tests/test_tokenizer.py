@@ -65,13 +65,15 @@ def test_trained_ids_equal_tiktoken_on_varied_text(tok, reference):
 
 @pytest.mark.parametrize("allowed, disallowed", [
     (set(), "all"), ("all", "all"), ({EOT}, "all"), (set(), ()), (set(), {EOT}), ({EOT}, ()),
+    ({"<|pad|>", "<|unknown|>"}, ()),
 ])
 def test_special_token_rules_match_tiktoken(allowed, disallowed):
     specials = ["<|endoftext|>", "<|pad|>", "<|end|>"]
     tok = BPETokenizer.train(VARIED, 300, special_tokens=specials)
     ref = tiktoken.Encoding("t", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks,
                             special_tokens=tok.special_tokens)
-    for text in ["plain text", f"a{EOT}b", "x<|pad|>y<|end|>", "<|end|><|endoftext|>", "<|end"]:
+    for text in ["plain text", f"a{EOT}b", "x<|pad|>y<|end|>", "<|end|><|endoftext|>", "<|end",
+                 "<|unknown|>"]:
         try:
             expected = ref.encode(text, allowed_special=allowed, disallowed_special=disallowed)
         except ValueError:
