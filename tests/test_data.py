@@ -14,6 +14,7 @@ from src.data import (
     RandomBatchSampler,
     _chunks,
     create_dataloader,
+    default_cache_dir,
     get_batch,
     load_corpus,
     split_tokens,
@@ -72,6 +73,14 @@ def test_url_corpus_is_checked_and_cached(tmp_path):
 def test_bad_corpora_get_clear_errors(tmp_path, make, message):
     with pytest.raises(DataError, match=message):
         load_corpus(make(tmp_path), cache_dir=tmp_path / "cache")
+
+
+def test_cache_dir_defaults_to_home_and_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("GPT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / ".cache" / "gpt-from-scratch"
+    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert default_cache_dir() == tmp_path / "elsewhere"
 
 
 def test_tokenizer_is_trained_once_and_then_loaded(tmp_path):
