@@ -164,7 +164,7 @@ class BPETokenizer:
                 continue  # stale
             token = vocab[pair[0]] + vocab[pair[1]]
             new_id = ranks.get(token)
-            if new_id is None:  # rarely, a pair spells a token already learned from another split
+            if new_id is None:  # (a pair could spell a token learned from another split: reuse it)
                 new_id = ranks[token] = len(vocab)
                 vocab.append(token)
             changed = set()
