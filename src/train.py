@@ -75,7 +75,7 @@ from src.training import (
 )
 
 # The default run: calibrated to finish well within 10 minutes on a shared 2-core CPU.
-DEFAULT_MAX_STEPS = 600
+DEFAULT_MAX_STEPS = 200
 
 
 # --8<-- [start:cli]
@@ -125,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr", type=float, default=1e-3, help="peak learning rate")
     a("--min-lr", type=float, default=None, help="learning rate at the end (default: lr / 10)")
     a("--warmup-steps", type=int, default=50, help="steps of linear warmup (0: none)")
-    a("--max-steps", type=int, default=None, help="optimizer steps to train for")
+    a(
+        "--max-steps",
+        type=int,
+        default=None,
+        help=f"optimizer steps to train for (default: {DEFAULT_MAX_STEPS}, unless --epochs)",
+    )
     a(
         "--epochs",
         type=float,
@@ -134,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--weight-decay", type=float, default=0.1, help="AdamW decay on weight matrices")
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
-    a("--eval-interval", type=int, default=100, help="evaluate every N steps (and at the end)")
-    a("--eval-iters", type=int, default=10, help="batches per split for each evaluation")
+    a("--eval-interval", type=int, default=50, help="evaluate every N steps (and at the end)")
+    a("--eval-iters", type=int, default=5, help="batches per split for each evaluation")
     a(
         "--save-interval",
         type=int,
