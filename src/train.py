@@ -448,6 +448,9 @@ def train(args) -> dict:
     torch.manual_seed(args.seed + rank)
     if meta and len(meta["rng"]) == world_size:
         set_rng_state(meta["rng"][rank])
+    elif meta and main_process:
+        print(f"note: the checkpoint comes from {len(meta['rng'])} process(es), this run has "
+              f"{world_size}; dropout draws start afresh", file=sys.stderr)  # fmt: skip
     raw_model = model
     if args.compile:
         model = torch.compile(model)
@@ -515,7 +518,7 @@ def train(args) -> dict:
             save_checkpoint(out_dir, raw_model, optimizer, tokenizer, {
                 "step": step, "config": cfg.to_dict(), "tokenizer": tokenizer_meta,
                 "data": {"name": corpus.name, "fingerprint": corpus.fingerprint,
-                         "next_window_batch": step, "seed": args.seed},
+                         "next_step": step, "seed": args.seed},  # the batch order's position
                 "world_size": world_size, "rng": states, "args": vars(args),
             })  # fmt: skip
 
