@@ -190,7 +190,7 @@ def unavailable_reason() -> str | None:
             _build(cuda=torch.cuda.is_available())  # CUDA kernels only where a GPU can run them
             _register()
             _reason = None
-        except Exception as err:  # a missing compiler, a failed build: say why, let callers decide
+        except (RuntimeError, OSError, ImportError) as err:  # no compiler, a failed build, a bad .so
             _reason = _first_error(err)
     return _reason
 
