@@ -89,6 +89,8 @@ class MultiHeadAttention(nn.Module):
             weights = causal_softmax(scores, scale, self.mask[:T, :T])  # (B, H, T, T)
         weights = self.dropout(weights)
         return weights @ v  # (B, H, T, hd)
+
+
 # --8<-- [end:mha]
 
 
@@ -102,4 +104,6 @@ def causal_softmax(scores: torch.Tensor, scale: float, mask: torch.Tensor) -> to
     scores = scores * scale
     scores = scores.masked_fill(mask, float("-inf"))
     return torch.softmax(scores, dim=-1)
+
+
 # --8<-- [end:causal_softmax]

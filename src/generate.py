@@ -46,4 +46,6 @@ def generate(
         if eos_id is not None and finished.all():
             break
     return idx
+
+
 # --8<-- [end:generate]

@@ -41,6 +41,8 @@ def config_from_hf(hf_config, **overrides) -> GPTConfig:
         tie_weights=True,
     )
     return GPTConfig(**(fields | overrides))
+
+
 # --8<-- [end:config]
 
 
@@ -82,6 +84,8 @@ def _gpt2_sources(cfg: GPTConfig) -> dict[str, tuple[str, Callable[[torch.Tensor
             f"{ours}.ff.layers.2.bias": (f"{theirs}.mlp.c_proj.bias", keep),
         }
     return sources
+
+
 # --8<-- [end:mapping]
 
 
@@ -124,4 +128,6 @@ def load_gpt2_state_dict(model: GPTModel, state_dict: Mapping[str, torch.Tensor]
         for name, value in converted.items():
             ours[name].copy_(value)
     return model
+
+
 # --8<-- [end:load]

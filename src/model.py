@@ -40,7 +40,9 @@ class GPTConfig:
 
     def __post_init__(self):
         if self.emb_dim % self.n_heads != 0:
-            raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
+            raise ValueError(
+                f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
+            )
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         if not 0.0 <= self.drop_rate < 1.0:
@@ -88,6 +90,8 @@ class LayerNorm(nn.Module):
         mean = x.mean(dim=-1, keepdim=True)
         var = x.var(dim=-1, keepdim=True, unbiased=False)  # biased, as GPT-2 and nn.LayerNorm
         return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
+
+
 # --8<-- [end:layernorm]
 
 
@@ -97,6 +101,8 @@ class GELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
 # --8<-- [end:gelu]
 
 
@@ -114,6 +120,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+
 # --8<-- [end:feedforward]
 
 
@@ -141,6 +149,8 @@ class TransformerBlock(nn.Module):
         x = x + self.drop_shortcut(self.att(self.norm1(x)))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
+
+
 # --8<-- [end:block]
 
 
@@ -165,14 +175,17 @@ class GPTModel(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape
         if T > self.cfg.context_length:
-            raise ValueError(f"sequence length {T} exceeds context_length {self.cfg.context_length}")
+            raise ValueError(
+                f"sequence length {T} exceeds context_length {self.cfg.context_length}"
+            )
         pos = torch.arange(T, device=idx.device)
         x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, emb_dim)
         x = self.drop_emb(x)
         x = self.trf_blocks(x)  # (B, T, emb_dim)
         x = self.final_norm(x)
         return self.out_head(x)  # (B, T, vocab_size)
-# --8<-- [end:model]
+
+    # --8<-- [end:model]
 
     # --8<-- [start:init]
     def _init_weights(self, module: nn.Module) -> None:
@@ -188,6 +201,7 @@ class GPTModel(nn.Module):
             residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
             for proj in (module.att.out_proj, module.ff.layers[2]):
                 nn.init.normal_(proj.weight, mean=0.0, std=residual_std)
+
     # --8<-- [end:init]
 
 
@@ -195,4 +209,6 @@ class GPTModel(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters, each shared tensor counted once (tied weights count once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 # --8<-- [end:count]

@@ -67,7 +67,7 @@ def test_eager_and_sdpa_agree_on_outputs_and_gradients(T):
     torch.testing.assert_close(out_s, out_e)
     (out_e**2).sum().backward()
     (out_s**2).sum().backward()
-    for (name, pe), ps in zip(eager.named_parameters(), sdpa.parameters()):
+    for (name, pe), ps in zip(eager.named_parameters(), sdpa.parameters(), strict=True):
         torch.testing.assert_close(ps.grad, pe.grad, msg=name)
 
 

@@ -1,0 +1,39 @@
+"""The book builds strictly: a renamed function or section breaks this test, not the reader."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+
+def build_book(root: Path, site: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_mkdocs_build_strict(tmp_path):
+    result = build_book(REPO, tmp_path / "site")
+    assert result.returncode == 0, result.stdout + result.stderr
+    attention = (tmp_path / "site" / "attention" / "index.html").read_text()
+    assert "MultiHeadAttention" in attention  # the source was embedded
+    assert "<math" in attention and "arithmatex" not in attention  # TeX became MathML at build time
+
+
+def test_missing_snippet_section_fails_the_build(tmp_path):
+    # The check above would be worthless if a broken reference still built: prove it does not.
+    for folder in ("docs", "src", "csrc"):
+        if (REPO / folder).is_dir():
+            shutil.copytree(REPO / folder, tmp_path / folder)
+    shutil.copy(REPO / "mkdocs.yml", tmp_path / "mkdocs.yml")
+    page = tmp_path / "docs" / "attention.md"
+    page.write_text(page.read_text().replace("src/attention.py:mha", "src/attention.py:renamed"))
+    result = build_book(tmp_path, tmp_path / "site")
+    assert result.returncode != 0
+    assert "renamed" in result.stdout + result.stderr
