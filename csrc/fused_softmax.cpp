@@ -94,12 +94,20 @@ void backward_row(const acc_t* dy, const acc_t* y, acc_t* dx, int64_t i, int64_t
 // --8<-- [end:cpu_backward_row]
 
 // Widens the first n values of a half-type row to float32 (float and double are used in place).
+// Vector by vector, the last one partial: PyTorch's generic at::vec::convert is a scalar loop.
 template <typename scalar_t, typename acc_t>
 const acc_t* widen(const scalar_t* src, acc_t* buf, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return src;
   } else {
-    at::vec::convert(src, buf, n);
+    using Vec = at::vec::Vectorized<scalar_t>;
+    constexpr int64_t F = at::vec::Vectorized<float>::size();  // Vec holds 2 * F values
+    for (int64_t j = 0; j < n; j += Vec::size()) {
+      const int64_t count = std::min<int64_t>(Vec::size(), n - j);
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vec::loadu(src + j, count));
+      lo.store(buf + j, std::min(count, F));
+      if (count > F) hi.store(buf + j + F, count - F);
+    }
     return buf;
   }
 }

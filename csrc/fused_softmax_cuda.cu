@@ -112,6 +112,7 @@ forward_warp_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, in
 }
 // --8<-- [end:cuda_forward_warp]
 
+// --8<-- [start:cuda_backward_warp]
 // dx = scale * y * (dy - sum_j dy_j y_j) over columns 0..i, zero after; same layout as above.
 template <typename scalar_t, int COLS, int VEC>
 __global__ void __launch_bounds__(WARP * ROWS_PER_BLOCK)
@@ -164,6 +165,7 @@ backward_warp_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict
     *reinterpret_cast<Pack<scalar_t, VEC>*>(dx + col) = out;
   }
 }
+// --8<-- [end:cuda_backward_warp]
 
 // --8<-- [start:cuda_forward_block]
 // Add one value to a running softmax (m = max so far, s = sum of exp(scale * (x - m))): a new
