@@ -59,7 +59,7 @@ def fresh_pages() -> None:
 def reuse_pages() -> None:
     """Freed memory stays in the heap and is reused: no page faults in the steady state."""
     _mallopt(-4, 0)  # M_MMAP_MAX: never mmap
-    _mallopt(-1, 2**62)  # M_TRIM_THRESHOLD: never give the heap back
+    _mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD (a C int): keep up to 2 GiB of free heap
 # --8<-- [end:malloc]
 
 
