@@ -370,6 +370,7 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     first = report["rows"][0]["threads"]
     styles = {"float32": "-", "bfloat16": "--"}
+    colors = {"plain": "tab:red", "fused": "tab:blue", "sdpa": "tab:green"}
     for ax, part, paths in ((axes[0], "softmax", ("plain", "fused")),
                             (axes[1], "attention", ("plain", "fused", "sdpa"))):
         for dtype, style in styles.items():
@@ -377,11 +378,12 @@ def plot(report: dict, path: Path) -> None:
                     if r["part"] == part and r["device"] == "cpu" and r["threads"] == first and r["dtype"] == dtype]
             if not rows:
                 continue
-            for color, p in zip(("tab:red", "tab:blue", "tab:green"), paths):
-                ax.plot([r["T"] for r in rows], [r["ms"][f"{p} fwd+bwd"] for r in rows], style, color=color,
-                        marker="o", label=f"{p} {dtype}")
-        ax.set(xscale="log", yscale="log", xlabel="T (B*H shrinks so B*H*T*T is constant)",
+            for p in paths:
+                ax.plot([r["T"] for r in rows], [r["ms"][f"{p} fwd+bwd"] for r in rows], style,
+                        color=colors[p], marker="o", label=f"{p} {dtype}")
+        ax.set(xscale="log", xlabel="T (B*H shrinks so B*H*T*T is constant)",
                ylabel="forward+backward, ms (median)")
+        ax.set_ylim(bottom=0)
         ax.set_xticks([r["T"] for r in report["rows"] if r["part"] == part and r["dtype"] == "float32"
                        and r["threads"] == first and r["device"] == "cpu"])
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())

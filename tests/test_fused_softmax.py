@@ -142,7 +142,7 @@ def test_model_fused_equals_eager():
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
     for out in logits:
         out.square().mean().backward()
-    for (name, p_eager), p_fused in zip(eager.named_parameters(), fused.parameters()):
+    for (name, p_eager), p_fused in zip(eager.named_parameters(), fused.parameters(), strict=True):
         torch.testing.assert_close(p_fused.grad, p_eager.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
