@@ -18,6 +18,7 @@ This module makes those kernels usable from Python:
    callers that must not (``--fused-attention`` in the trainer).
 """
 
+import hashlib
 import os
 import sys
 import time
@@ -72,11 +73,14 @@ def _cuda_archs() -> str:
 
 
 def _build_dir(capability: str, cuda_archs: str | None) -> Path:
-    """``$GPT_CACHE_DIR/extensions/<torch, CPU capability, CUDA arch>``, created if needed."""
+    """``$GPT_CACHE_DIR/extensions/<torch, CPU capability, CUDA arch, checkout>``, created if needed."""
     root = Path(os.environ.get("GPT_CACHE_DIR", Path.home() / ".cache" / "gpt-from-scratch"))
     arch = "cpu" if cuda_archs is None else "sm" + "_".join(
         a.replace(".", "") for a in cuda_archs.replace(";", " ").split())
-    key = f"torch{torch.__version__.replace('+', '_')}-{capability.lower()}-{arch}"
+    # Two checkouts (or two environments) compile with different paths; each gets its own build
+    # instead of rebuilding over the other's.
+    where = hashlib.sha256(f"{CSRC}:{torch.__file__}".encode()).hexdigest()[:8]
+    key = f"torch{torch.__version__.replace('+', '_')}-{capability.lower()}-{arch}-{where}"
     path = root / "extensions" / key
     path.mkdir(parents=True, exist_ok=True)
     return path
