@@ -26,7 +26,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.utils import cpp_extension
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -58,6 +57,8 @@ def _cuda_home() -> str | None:
     torch guesses CUDA_HOME from the location of ``nvcc``, which is wrong when ``nvcc`` is a wrapper
     script in ``/usr/local/bin``; so the guess is checked, then ``/usr/local/cuda`` is tried.
     """
+    from torch.utils import cpp_extension  # see _build for why this import waits
+
     for home in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda"):
         if home and (Path(home) / "include" / "cuda_runtime.h").is_file():
             return home
@@ -96,6 +97,8 @@ def _clear_stale_lock(build_dir: Path) -> None:
     killed midway leaves the file, and every later ``load()`` then waits for it forever, silently.
     Newer torch holds an OS lock on the file instead, which dies with its holder.
     """
+    from torch.utils import cpp_extension  # see _build for why this import waits
+
     lock = build_dir / "lock"
     if hasattr(cpp_extension, "FileLock") or not lock.exists():
         return
@@ -109,6 +112,10 @@ def _clear_stale_lock(build_dir: Path) -> None:
 # --8<-- [start:build]
 def _build(cuda: bool) -> None:
     """Compile (or load from the cache) the library and register its ops with PyTorch."""
+    # Imported here, not at the top: importing cpp_extension guesses CUDA_HOME and may warn about
+    # it, which every `import src.model` would otherwise print.
+    from torch.utils import cpp_extension
+
     capability, cflags = _cpu_flags()
     sources = [CSRC / "fused_softmax.cpp"]
     cuda_archs = None
