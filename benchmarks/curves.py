@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.train import read_jsonl
+from src.training import read_jsonl
 
 ASSETS = Path(__file__).resolve().parent.parent / "docs" / "assets"
 

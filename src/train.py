@@ -29,7 +29,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -56,6 +55,7 @@ from src.tokenizer import TokenizerNotFound, get_tokenizer
 from src.training import (
     ConfigError,
     NonFiniteLossError,
+    StopRequest,
     adamw,
     autocast,
     check_finite,
@@ -67,7 +67,9 @@ from src.training import (
     load_weights,
     lr_at,
     perplexity,
+    plot_losses,
     progress_bar,
+    read_jsonl,
     resolve_device,
     rng_state,
     save_checkpoint,
@@ -308,57 +310,6 @@ def check_resumable(meta: dict, cfg: GPTConfig, tokenizer_fp: str, ckpt: Path) -
             f"checkpoint {ckpt} was trained with another tokenizer "
             f"({meta['tokenizer']['ref']}); pass the same --tokenizer/--vocab-size/--data"
         )
-
-
-class StopRequest:
-    """While active, the first Ctrl-C (or SIGTERM) asks the loop to stop after the current step
-    and save; a second Ctrl-C stops at once."""
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)",
-              file=sys.stderr)  # fmt: skip
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSON-lines file; a line torn by a kill mid-write is skipped."""
-    rows = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            rows.append(json.loads(line))
-    return rows
-
-
-def plot_losses(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    train = [(r["step"], r["train_loss"]) for r in rows if r["step"] > 0]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train (batch)", lw=1, alpha=0.7)
-    ax.plot(*zip(*val, strict=True), "o-", label="validation", ms=3)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # --8<-- [start:step]

@@ -12,6 +12,8 @@ framework to learn.
 - **Optimizer**: ``adamw`` decays matrices (linear weights, embeddings) and leaves vectors
   (biases, LayerNorm scale and shift) alone.
 - **Schedule**: ``lr_at``: linear warmup, then cosine decay to ``min_lr``.
+- **Long runs**: a progress bar, a metrics log that survives a kill, a loss plot, and ``StopRequest``,
+  which turns Ctrl-C into "finish this step, save, exit".
 - **Checkpoints**: weights as safetensors, optimizer state loaded with ``weights_only``, a JSON
   sidecar with everything else; each written to a fresh folder and published by an atomic rename
   of a pointer file, so a kill at any moment leaves the last good checkpoint readable.
@@ -23,6 +25,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -147,9 +151,65 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int
 # --8<-- [end:schedule]
 
 
+# --8<-- [start:progress]
 def progress_bar(total: int, initial: int = 0, disable: bool = False) -> tqdm:
     """A progress bar over optimizer steps; the caller adds loss and tokens/s, tqdm the ETA."""
     return tqdm(total=total, initial=initial, disable=disable, unit="step", dynamic_ncols=True)
+
+
+class StopRequest:
+    """While active, the first Ctrl-C (or SIGTERM) asks the loop to stop after the current step
+    and save; a second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)",
+              file=sys.stderr)  # fmt: skip
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file; a line torn by a kill mid-write is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
+
+
+def plot_losses(rows: list[dict], path: Path) -> None:
+    """Every step's batch loss and the validation losses, as a PNG (matplotlib, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    train = [(r["step"], r["train_loss"]) for r in rows if r["step"] > 0]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train (batch)", lw=1, alpha=0.7)
+    ax.plot(*zip(*val, strict=True), "o-", label="validation", ms=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --8<-- [end:progress]
 
 
 # --8<-- [start:rng]

@@ -30,6 +30,7 @@ from src.training import (
     load_weights,
     lr_at,
     perplexity,
+    read_jsonl,
     save_checkpoint,
 )
 
@@ -66,7 +67,7 @@ def run_cli(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
 
 
 def metrics(out_dir: Path) -> list[dict]:
-    return train_cli.read_jsonl(out_dir / "metrics.jsonl")
+    return read_jsonl(out_dir / "metrics.jsonl")
 
 
 def losses_by_step(out_dir: Path) -> dict[int, float]:
