@@ -142,7 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--weight-decay", type=float, default=0.1, help="AdamW decay on weight matrices")
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
     a("--eval-interval", type=int, default=50, help="evaluate every N steps (and at the end)")
-    a("--eval-iters", type=int, default=5, help="batches per split for each evaluation")
+    a(
+        "--eval-iters",
+        type=int,
+        default=5,
+        help="batches of --batch-size sequences per split for each evaluation",
+    )
     a(
         "--save-interval",
         type=int,
@@ -218,17 +223,19 @@ def step_windows(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
 
 # --8<-- [start:evaluate]
 @torch.no_grad()
-def evaluate(model, dataset: GPTDataset, batch_size, eval_iters, device, amp) -> float:
-    """Mean loss over the first ``eval_iters`` batches of a split, in order (same every time)."""
+def evaluate(model, dataset: GPTDataset, n: int, batch_size: int, device, amp) -> float:
+    """Mean loss over the first ``n`` windows of a split, in order (the same every time), run
+    ``batch_size`` windows at a time."""
     model.eval()
-    losses = []
-    for start in range(0, min(len(dataset), eval_iters * batch_size), batch_size):
-        which = torch.arange(start, min(start + batch_size, len(dataset)))
+    n = min(n, len(dataset))
+    total = 0.0
+    for start in range(0, n, batch_size):
+        which = torch.arange(start, min(start + batch_size, n))
         x, y = (t.to(device) for t in stack(dataset, which))
         with amp:
-            losses.append(cross_entropy(model(x), y).item())
+            total += cross_entropy(model(x), y).item() * len(which)  # a last batch may be short
     model.train()
-    return sum(losses) / len(losses)
+    return total / n
 
 
 # --8<-- [end:evaluate]
@@ -441,7 +448,8 @@ def train(args) -> dict:
 
     def run_eval(row: dict) -> None:
         """Validation loss, a loss measured on training batches, a sample, and the plot."""
-        args_eval = (micro_batch, args.eval_iters, device, amp)
+        # --eval-iters global batches, whatever the number of processes and micro-batches.
+        args_eval = (args.eval_iters * args.batch_size, micro_batch, device, amp)
         row["eval_train_loss"] = evaluate(raw_model, train_set, *args_eval)
         row["val_loss"] = evaluate(raw_model, val_set, *args_eval)
         row["val_perplexity"] = perplexity(row["val_loss"])

@@ -274,15 +274,19 @@ def test_ddp_two_processes_match_one(tmp_path, corpus, env):
     assert run_cli([*args, "--out-dir", str(single)], env).returncode == 0
     res = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "src.train", *args, "--out-dir", str(ddp)],
+         "-m", "src.train", *args, "--grad-accum", "2", "--out-dir", str(ddp)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "2 process(es)" in res.stderr
     a, b = losses_by_step(single), losses_by_step(ddp)
     assert a.keys() == b.keys() == set(range(1, 7))
-    for step in a:  # same global batch: the averaged gradients differ only by rounding
+    # Same global batch of 4: two processes x two micro-batches of one sequence each, against
+    # one process with one batch of four. The averaged gradients differ only by rounding.
+    for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5)
+    val = [[r["val_loss"] for r in metrics(d) if "val_loss" in r] for d in (single, ddp)]
+    assert val[1] == pytest.approx(val[0], rel=1e-5)  # evaluation sees the same windows too
     assert len(list((ddp / "checkpoints").glob("step_*"))) == 1  # rank 0 alone writes
 
 
