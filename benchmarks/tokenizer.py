@@ -33,8 +33,12 @@ def timed(fn, *args) -> float:
 
 def compare_encode(name: str, ours: BPETokenizer, text: str, repeats: int) -> dict:
     """Median seconds to encode ``text``: ours cold and warm, tiktoken on the same parts."""
-    theirs = tiktoken.Encoding(name, pat_str=ours.pattern, mergeable_ranks=ours.mergeable_ranks,
-                               special_tokens=ours.special_tokens)
+    theirs = tiktoken.Encoding(
+        name,
+        pat_str=ours.pattern,
+        mergeable_ranks=ours.mergeable_ranks,
+        special_tokens=ours.special_tokens,
+    )
     assert ours.encode(text) == theirs.encode(text), "ids differ from tiktoken's"
     cold, warm, ref = [], [], []
     for _ in range(repeats):
@@ -43,7 +47,12 @@ def compare_encode(name: str, ours: BPETokenizer, text: str, repeats: int) -> di
         warm.append(timed(fresh.encode, text))
         ref.append(timed(theirs.encode, text))
     mb = len(text.encode("utf-8")) / 1e6
-    row = {"vocab": name, "n_vocab": ours.n_vocab, "megabytes": mb, "tokens": len(theirs.encode(text))}
+    row = {
+        "vocab": name,
+        "n_vocab": ours.n_vocab,
+        "megabytes": mb,
+        "tokens": len(theirs.encode(text)),
+    }
     for key, times in [("ours_cold", cold), ("ours_warm", warm), ("tiktoken", ref)]:
         row[f"{key}_mb_per_s"] = mb / statistics.median(times)
     row["ratio_cold"] = row["tiktoken_mb_per_s"] / row["ours_cold_mb_per_s"]
@@ -52,14 +61,25 @@ def compare_encode(name: str, ours: BPETokenizer, text: str, repeats: int) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--vocab-size", type=int, default=8192,
-                        help="vocabulary to train on the default corpus (bytes + merges + specials)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=8192,
+        help="vocabulary to train on the default corpus (bytes + merges + specials)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per candidate; medians")
-    default_gpt2 = os.environ.get("GPT_REFERENCE_DATA") and Path(os.environ["GPT_REFERENCE_DATA"]) / "gpt2"
-    parser.add_argument("--gpt2-dir", type=Path, default=default_gpt2,
-                        help="folder with GPT-2's encoder.json and vocab.bpe (skipped if absent)")
+    default_gpt2 = (
+        os.environ.get("GPT_REFERENCE_DATA") and Path(os.environ["GPT_REFERENCE_DATA"]) / "gpt2"
+    )
+    parser.add_argument(
+        "--gpt2-dir",
+        type=Path,
+        default=default_gpt2,
+        help="folder with GPT-2's encoder.json and vocab.bpe (skipped if absent)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.repeats < 1:
@@ -67,8 +87,11 @@ def main() -> None:
 
     corpus = load_corpus()
     mb = len(corpus.text.encode("utf-8")) / 1e6
-    print(f"corpus: {corpus.name}, {mb:.2f} MB; python {platform.python_version()}, "
-          f"{os.cpu_count()} cpus, one thread per encoder", flush=True)
+    print(
+        f"corpus: {corpus.name}, {mb:.2f} MB; python {platform.python_version()}, "
+        f"{os.cpu_count()} cpus, one thread per encoder",
+        flush=True,
+    )
     try:
         train_times = []
         for _ in range(args.repeats):
@@ -81,20 +104,31 @@ def main() -> None:
 
     rows = [compare_encode(f"trained-{trained.n_vocab}", trained, corpus.text, args.repeats)]
     if args.gpt2_dir and (args.gpt2_dir / "vocab.bpe").is_file():
-        gpt2 = BPETokenizer.from_gpt2_files(args.gpt2_dir / "encoder.json", args.gpt2_dir / "vocab.bpe")
+        gpt2 = BPETokenizer.from_gpt2_files(
+            args.gpt2_dir / "encoder.json", args.gpt2_dir / "vocab.bpe"
+        )
         rows.append(compare_encode("gpt2", gpt2, corpus.text, args.repeats))
     else:
         print("GPT-2 files not found (--gpt2-dir): the 50k-merge comparison is skipped")
 
-    print(f"\n{'vocabulary':<16}{'tokens':>9}{'ours cold':>11}{'ours warm':>11}{'tiktoken':>10}"
-          f"{'ratio cold':>12}{'ratio warm':>12}   (MB/s; ratio = tiktoken / ours)")
+    print(
+        f"\n{'vocabulary':<16}{'tokens':>9}{'ours cold':>11}{'ours warm':>11}{'tiktoken':>10}"
+        f"{'ratio cold':>12}{'ratio warm':>12}   (MB/s; ratio = tiktoken / ours)"
+    )
     for r in rows:
-        print(f"{r['vocab']:<16}{r['tokens']:>9}{r['ours_cold_mb_per_s']:>11.2f}"
-              f"{r['ours_warm_mb_per_s']:>11.2f}{r['tiktoken_mb_per_s']:>10.2f}"
-              f"{r['ratio_cold']:>11.2f}x{r['ratio_warm']:>11.2f}x")
+        print(
+            f"{r['vocab']:<16}{r['tokens']:>9}{r['ours_cold_mb_per_s']:>11.2f}"
+            f"{r['ours_warm_mb_per_s']:>11.2f}{r['tiktoken_mb_per_s']:>10.2f}"
+            f"{r['ratio_cold']:>11.2f}x{r['ratio_warm']:>11.2f}x"
+        )
     if args.json:
-        result = {"corpus": corpus.name, "megabytes": mb, "train_vocab_size": trained.n_vocab,
-                  "train_seconds": train_s, "encode": rows}
+        result = {
+            "corpus": corpus.name,
+            "megabytes": mb,
+            "train_vocab_size": trained.n_vocab,
+            "train_seconds": train_s,
+            "encode": rows,
+        }
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nwrote {args.json}")
 

@@ -90,6 +90,8 @@ def load_corpus(source: str | None = None, cache_dir: str | Path | None = None) 
         raise DataError(f"corpus {source or 'default'!r} is empty")
     # The name goes into cache file names: keep it to safe characters.
     return Corpus(regex.sub(r"[^\w.-]", "_", name), text, _sha256(text.encode("utf-8")))
+
+
 # --8<-- [end:corpus]
 
 
@@ -98,8 +100,10 @@ def _read_text(path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text (invalid byte at offset {err.start}); "
-                        "convert it, e.g. with iconv -t UTF-8") from None
+        raise DataError(
+            f"{path} is not UTF-8 text (invalid byte at offset {err.start}); "
+            "convert it, e.g. with iconv -t UTF-8"
+        ) from None
 
 
 def _download(url: str, cache_dir: str | Path | None) -> str:
@@ -118,14 +122,20 @@ def _download(url: str, cache_dir: str | Path | None) -> str:
             raise DataError(f"cannot download {address}: {err}") from None
     actual = _sha256(data)
     if actual != expected:
-        raise DataError(f"checksum mismatch for {address}: expected sha256 {expected}, got {actual}")
+        raise DataError(
+            f"checksum mismatch for {address}: expected sha256 {expected}, got {actual}"
+        )
     _write_atomically(path, data)
     return _read_text(path)
 
 
 # --8<-- [start:cached]
-def train_tokenizer_cached(corpus: Corpus, vocab_size: int, cache_dir: str | Path,
-                           special_tokens: tuple[str, ...] = ("<|endoftext|>",)) -> BPETokenizer:
+def train_tokenizer_cached(
+    corpus: Corpus,
+    vocab_size: int,
+    cache_dir: str | Path,
+    special_tokens: tuple[str, ...] = ("<|endoftext|>",),
+) -> BPETokenizer:
     """Train a BPE tokenizer on ``corpus``, or load the one trained before with the same inputs."""
     key = _sha256(f"{corpus.fingerprint} {vocab_size} {special_tokens}".encode())[:16]
     path = Path(cache_dir) / "tokenizers" / f"{corpus.name}-{vocab_size}-{key}.json"
@@ -142,8 +152,9 @@ def fingerprint_of(tokenizer) -> str:
     """Our tokenizer's fingerprint, or the same hash of a ``tiktoken.Encoding``'s parts."""
     if isinstance(tokenizer, BPETokenizer):
         return tokenizer.fingerprint
-    return tokenizer_fingerprint(tokenizer._pat_str, tokenizer._mergeable_ranks,
-                                 tokenizer._special_tokens)
+    return tokenizer_fingerprint(
+        tokenizer._pat_str, tokenizer._mergeable_ranks, tokenizer._special_tokens
+    )
 
 
 def tokenize_cached(corpus: Corpus, tokenizer, cache_dir: str | Path) -> np.memmap:
@@ -155,14 +166,21 @@ def tokenize_cached(corpus: Corpus, tokenizer, cache_dir: str | Path) -> np.memm
     path = Path(cache_dir) / "tokens" / f"{corpus.name}-{key}.{np.dtype(dtype).name}"
     if not path.is_file():
         chunks = _chunks(corpus.text)
-        with tqdm(total=len(corpus.text), unit="char", unit_scale=True, desc="tokenizing",
-                  disable=len(chunks) < 4) as progress:
+        with tqdm(
+            total=len(corpus.text),
+            unit="char",
+            unit_scale=True,
+            desc="tokenizing",
+            disable=len(chunks) < 4,
+        ) as progress:
             parts = []
             for chunk in chunks:
                 parts.append(np.array(tokenizer.encode(chunk, allowed_special="all"), dtype))
                 progress.update(len(chunk))
         _write_atomically(path, np.concatenate(parts).tobytes())
     return np.memmap(path, dtype=dtype, mode="r")
+
+
 # --8<-- [end:cached]
 
 
@@ -186,6 +204,8 @@ def _chunks(text: str, size: int = 1 << 20) -> list[str]:
         start = found.start() + size
     cuts.append(len(text))
     return [text[a:b] for a, b in pairwise(cuts)]
+
+
 # --8<-- [end:chunks]
 
 
@@ -197,6 +217,8 @@ def split_tokens(tokens: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndar
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     n_train = len(tokens) - int(len(tokens) * val_fraction)
     return tokens[:n_train], tokens[n_train:]
+
+
 # --8<-- [end:split]
 
 
@@ -204,8 +226,10 @@ def _check_length(tokens: np.ndarray, context_length: int) -> None:
     if context_length < 1:
         raise DataError(f"context_length must be positive, got {context_length}")
     if len(tokens) < context_length + 1:
-        raise DataError(f"the corpus is shorter than one context window: {len(tokens)} tokens, "
-                        f"need at least context_length + 1 = {context_length + 1}")
+        raise DataError(
+            f"the corpus is shorter than one context window: {len(tokens)} tokens, "
+            f"need at least context_length + 1 = {context_length + 1}"
+        )
 
 
 # --8<-- [start:dataset]
@@ -227,23 +251,38 @@ class GPTDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = i * self.stride
-        window = torch.from_numpy(self.tokens[start : start + self.context_length + 1].astype(np.int64))
+        window = torch.from_numpy(
+            self.tokens[start : start + self.context_length + 1].astype(np.int64)
+        )
         return window[:-1], window[1:]  # (T,) inputs, (T,) targets: the same tokens shifted by one
 
 
-def create_dataloader(tokens: np.ndarray, batch_size: int, context_length: int, stride: int,
-                      shuffle: bool = True, drop_last: bool = True,
-                      generator: torch.Generator | None = None) -> DataLoader:
+def create_dataloader(
+    tokens: np.ndarray,
+    batch_size: int,
+    context_length: int,
+    stride: int,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
     """Batches of ``(B, T)`` inputs and targets; pass a seeded ``generator`` for a fixed order."""
     dataset = GPTDataset(tokens, context_length, stride)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      generator=generator)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator
+    )
+
+
 # --8<-- [end:dataset]
 
 
 # --8<-- [start:random_batches]
-def get_batch(tokens: np.ndarray, batch_size: int, context_length: int,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def get_batch(
+    tokens: np.ndarray,
+    batch_size: int,
+    context_length: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch_size`` windows at random offsets: ``(B, T)`` inputs and targets.
 
     Reads only the rows it needs from the memmap, so the corpus may be larger than RAM, and needs
@@ -259,8 +298,13 @@ def get_batch(tokens: np.ndarray, batch_size: int, context_length: int,
 class RandomBatchSampler:
     """An endless iterator of ``get_batch`` batches."""
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, context_length: int,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        context_length: int,
+        generator: torch.Generator | None = None,
+    ):
         _check_length(tokens, context_length)
         self.tokens, self.batch_size, self.context_length = tokens, batch_size, context_length
         self.generator = generator
@@ -268,4 +312,6 @@ class RandomBatchSampler:
     def __iter__(self):
         while True:
             yield get_batch(self.tokens, self.batch_size, self.context_length, self.generator)
+
+
 # --8<-- [end:random_batches]

@@ -46,8 +46,13 @@ def _cpu_flags() -> tuple[str, list[str]]:
     }
     if capability not in isa:
         return "DEFAULT", []
-    return capability, [*isa[capability], f"-DCPU_CAPABILITY={capability}",
-                        f"-DCPU_CAPABILITY_{capability}"]
+    return capability, [
+        *isa[capability],
+        f"-DCPU_CAPABILITY={capability}",
+        f"-DCPU_CAPABILITY_{capability}",
+    ]
+
+
 # --8<-- [end:flags]
 
 
@@ -76,8 +81,11 @@ def _cuda_archs() -> str:
 def _build_dir(capability: str, cuda_archs: str | None) -> Path:
     """``$GPT_CACHE_DIR/extensions/<torch, CPU capability, CUDA arch, checkout>``, created if needed."""
     root = Path(os.environ.get("GPT_CACHE_DIR", Path.home() / ".cache" / "gpt-from-scratch"))
-    arch = "cpu" if cuda_archs is None else "sm" + "_".join(
-        a.replace(".", "") for a in cuda_archs.replace(";", " ").split())
+    arch = (
+        "cpu"
+        if cuda_archs is None
+        else "sm" + "_".join(a.replace(".", "") for a in cuda_archs.replace(";", " ").split())
+    )
     # Two checkouts (or two environments) compile with different paths; each gets its own build
     # instead of rebuilding over the other's.
     where = hashlib.sha256(f"{CSRC}:{torch.__file__}".encode()).hexdigest()[:8]
@@ -104,8 +112,10 @@ def _clear_stale_lock(build_dir: Path) -> None:
         return
     age = time.time() - lock.stat().st_mtime
     if age > STALE_LOCK_S:
-        print(f"fused softmax: removing a stale build lock ({age / 60:.0f} min old): {lock}",
-              file=sys.stderr)
+        print(
+            f"fused softmax: removing a stale build lock ({age / 60:.0f} min old): {lock}",
+            file=sys.stderr,
+        )
         lock.unlink(missing_ok=True)
 
 
@@ -123,8 +133,9 @@ def _build(cuda: bool) -> None:
         # A .cu source makes load() need nvcc and a CUDA_HOME; a CPU-only torch has neither.
         cuda_home = _cuda_home()
         if cuda_home is None:
-            raise RuntimeError("torch has CUDA but no CUDA toolkit (cuda_runtime.h) was found; "
-                               "set CUDA_HOME")
+            raise RuntimeError(
+                "torch has CUDA but no CUDA toolkit (cuda_runtime.h) was found; set CUDA_HOME"
+            )
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = cuda_home
         cuda_archs = os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_archs()
         sources.append(CSRC / "fused_softmax_cuda.cu")
@@ -133,8 +144,11 @@ def _build(cuda: bool) -> None:
     cached = any(build_dir.glob("*.so"))
     if not cached:
         target = f"CPU ({capability})" + (f" and CUDA (sm {cuda_archs})" if cuda else "")
-        print(f"fused softmax: compiling the extension for {target} in {build_dir} "
-              "(first use only)...", file=sys.stderr)
+        print(
+            f"fused softmax: compiling the extension for {target} in {build_dir} "
+            "(first use only)...",
+            file=sys.stderr,
+        )
     start = time.perf_counter()
     cpp_extension.load(
         name="gpt_fused_softmax",
@@ -149,6 +163,8 @@ def _build(cuda: bool) -> None:
     elapsed = time.perf_counter() - start
     if elapsed > 1.0:  # compiled: the first use, or the sources changed since the cached build
         print(f"fused softmax: built in {elapsed:.1f} s", file=sys.stderr)
+
+
 # --8<-- [end:build]
 
 
@@ -176,8 +192,11 @@ def _backward(ctx, grad):
 def _register() -> None:
     torch.library.register_fake("gpt_fused::causal_softmax", _fake_forward)
     torch.library.register_fake("gpt_fused::causal_softmax_backward", _fake_backward)
-    torch.library.register_autograd("gpt_fused::causal_softmax", _backward,
-                                    setup_context=_setup_context)
+    torch.library.register_autograd(
+        "gpt_fused::causal_softmax", _backward, setup_context=_setup_context
+    )
+
+
 # --8<-- [end:autograd]
 
 
@@ -224,6 +243,8 @@ def ensure_available() -> None:
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"the fused softmax extension could not be built: {reason}")
+
+
 # --8<-- [end:availability]
 
 
@@ -237,4 +258,6 @@ def fused_causal_softmax(scores: torch.Tensor, scale: float) -> torch.Tensor:
     """
     ensure_available()
     return torch.ops.gpt_fused.causal_softmax(scores, scale)
+
+
 # --8<-- [end:op]

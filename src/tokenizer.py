@@ -54,8 +54,11 @@ def _gpt2_byte_order() -> list[int]:
     characters 256, 257, ... in byte order. Ranks 0-255 follow this order in GPT-2, and in ours too,
     so a tokenizer we train can be written as valid GPT-2 files.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     return printable + [b for b in range(256) if b not in printable]
 
 
@@ -74,6 +77,8 @@ def printable_to_bytes(text: str) -> bytes:
         return bytes(CHAR_TO_BYTE[c] for c in text)
     except KeyError as err:
         raise ValueError(f"{text!r} is not a GPT-2 byte string (bad character {err})") from None
+
+
 # --8<-- [end:bytes]
 
 
@@ -89,8 +94,12 @@ def tokenizer_fingerprint(pattern: str, ranks: dict[bytes, int], special: dict[s
 class BPETokenizer:
     """Byte-level BPE with tiktoken's model: ``mergeable_ranks``, ``pattern``, ``special_tokens``."""
 
-    def __init__(self, mergeable_ranks: dict[bytes, int], special_tokens: dict[str, int] | None = None,
-                 pattern: str = GPT2_PATTERN):
+    def __init__(
+        self,
+        mergeable_ranks: dict[bytes, int],
+        special_tokens: dict[str, int] | None = None,
+        pattern: str = GPT2_PATTERN,
+    ):
         special_tokens = dict(special_tokens or {})
         if sorted(mergeable_ranks.values()) != list(range(len(mergeable_ranks))):
             raise ValueError("ranks must be the ids 0, 1, ..., n-1 with no gap or repeat")
@@ -121,8 +130,13 @@ class BPETokenizer:
 
     # --8<-- [start:train]
     @classmethod
-    def train(cls, text: str, vocab_size: int, special_tokens: Iterable[str] = (ENDOFTEXT,),
-              pattern: str = GPT2_PATTERN) -> "BPETokenizer":
+    def train(
+        cls,
+        text: str,
+        vocab_size: int,
+        special_tokens: Iterable[str] = (ENDOFTEXT,),
+        pattern: str = GPT2_PATTERN,
+    ) -> "BPETokenizer":
         """Learn ``vocab_size - 256 - len(special_tokens)`` merges from ``text``.
 
         Ties: among equally frequent pairs, the one whose two ids are smallest (compared as a tuple)
@@ -131,8 +145,10 @@ class BPETokenizer:
         """
         special_tokens = list(dict.fromkeys(special_tokens))
         if vocab_size < 256 + len(special_tokens):
-            raise ValueError(f"vocab_size={vocab_size} is too small: need at least 256 byte "
-                             f"tokens + {len(special_tokens)} special = {256 + len(special_tokens)}")
+            raise ValueError(
+                f"vocab_size={vocab_size} is too small: need at least 256 byte "
+                f"tokens + {len(special_tokens)} special = {256 + len(special_tokens)}"
+            )
         # Pre-tokenize once and keep only the distinct words with their counts: a corpus of a
         # million words has a few tens of thousands of distinct ones, and all work below is on those.
         split = regex.compile(pattern)
@@ -188,11 +204,16 @@ class BPETokenizer:
                     where.pop(p, None)
         special = {s: len(vocab) + i for i, s in enumerate(special_tokens)}
         return cls(ranks, special, pattern)
+
     # --8<-- [end:train]
 
     # --8<-- [start:encode]
-    def encode(self, text: str, allowed_special: Literal["all"] | Collection[str] = (),
-               disallowed_special: Literal["all"] | Collection[str] = "all") -> list[int]:
+    def encode(
+        self,
+        text: str,
+        allowed_special: Literal["all"] | Collection[str] = (),
+        disallowed_special: Literal["all"] | Collection[str] = "all",
+    ) -> list[int]:
         """Token ids of ``text``. Special-token text becomes its special id only when allowed; when
         disallowed (by default: every special token not allowed) it raises, as in tiktoken, because
         user text that spells ``<|endoftext|>`` must not silently end a document."""
@@ -206,7 +227,8 @@ class BPETokenizer:
                 raise ValueError(
                     f"the text contains the special token {found.group()!r}; pass it in "
                     "allowed_special to encode it as that token, or leave it out of "
-                    "disallowed_special to encode it as ordinary text")
+                    "disallowed_special to encode it as ordinary text"
+                )
         # Lone surrogates cannot be UTF-8 encoded; like tiktoken, replace them with U+FFFD.
         text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         ids = []
@@ -248,6 +270,7 @@ class BPETokenizer:
                 break
             parts[best : best + 2] = [parts[best] + parts[best + 1]]
         return [ranks[p] for p in parts]
+
     # --8<-- [end:encode]
 
     # --8<-- [start:decode]
@@ -255,14 +278,20 @@ class BPETokenizer:
         """Text of ``ids``. A slice of ids can end inside a multi-byte character; its bytes are not
         valid UTF-8 and become U+FFFD, as in tiktoken."""
         return b"".join(self._decoder[i] for i in ids).decode("utf-8", errors="replace")
+
     # --8<-- [end:decode]
 
     # --8<-- [start:save]
     def save(self, path: str | Path) -> None:
         """Write a JSON file a person can read: tokens in rank order, in GPT-2's printable form."""
         tokens = [bytes_to_printable(self._decoder[r]) for r in range(len(self.mergeable_ranks))]
-        model = {"format": "byte-level-bpe", "version": 1, "pattern": self.pattern,
-                 "special_tokens": self.special_tokens, "tokens": tokens}
+        model = {
+            "format": "byte-level-bpe",
+            "version": 1,
+            "pattern": self.pattern,
+            "special_tokens": self.special_tokens,
+            "tokens": tokens,
+        }
         Path(path).write_text(json.dumps(model, ensure_ascii=False, indent=0) + "\n", "utf-8")
 
     @classmethod
@@ -275,6 +304,7 @@ class BPETokenizer:
             raise ValueError(f"{path} is not a tokenizer saved by BPETokenizer.save")
         ranks = {printable_to_bytes(t): r for r, t in enumerate(model.get("tokens", []))}
         return cls(ranks, model.get("special_tokens"), model.get("pattern", GPT2_PATTERN))
+
     # --8<-- [end:save]
 
     # --8<-- [start:gpt2_files]
@@ -312,6 +342,7 @@ class BPETokenizer:
         encoder |= self.special_tokens
         Path(encoder_json).write_text(json.dumps(encoder, ensure_ascii=False), "utf-8")
         Path(vocab_bpe).write_text("\n".join(lines) + "\n", "utf-8")
+
     # --8<-- [end:gpt2_files]
 
 
@@ -355,7 +386,8 @@ def get_tokenizer(spec: str):
             raise TokenizerNotFound(
                 "tiktoken could not fetch GPT-2's files (offline?): connect once so they are "
                 "cached, or pass a directory holding GPT-2's encoder.json and vocab.bpe "
-                f"({type(err).__name__})") from None
+                f"({type(err).__name__})"
+            ) from None
     path = Path(spec)
     if path.is_dir():
         encoder, merges = path / "encoder.json", path / "vocab.bpe"
@@ -364,6 +396,10 @@ def get_tokenizer(spec: str):
         return BPETokenizer.from_gpt2_files(encoder, merges)
     if path.is_file():
         return BPETokenizer.load(path)
-    raise TokenizerNotFound(f"no tokenizer {spec!r}: expected 'gpt2', a directory with GPT-2's "
-                            "files, or a file saved by BPETokenizer.save")
+    raise TokenizerNotFound(
+        f"no tokenizer {spec!r}: expected 'gpt2', a directory with GPT-2's "
+        "files, or a file saved by BPETokenizer.save"
+    )
+
+
 # --8<-- [end:get_tokenizer]

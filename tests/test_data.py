@@ -35,7 +35,7 @@ def test_default_corpus_is_offline_python_documentation():
     corpus = load_corpus()
     assert corpus == load_corpus("default")
     assert corpus.name == "python-docs" and len(corpus.text) > 400_000
-    assert "The \"if\" statement" in corpus.text
+    assert 'The "if" statement' in corpus.text
     assert corpus.fingerprint == hashlib.sha256(corpus.text.encode()).hexdigest()
 
 
@@ -60,16 +60,30 @@ def test_url_corpus_is_checked_and_cached(tmp_path):
     assert corpus.text == "Once upon a time." and corpus.name == "story"
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: str(p / "missing.txt"), "not found: no such file or directory"),
-    (lambda p: (p / "empty.txt").write_text(" \n") and str(p / "empty.txt"), "is empty"),
-    (lambda p: (p / "latin1.txt").write_bytes("café".encode("latin-1")) and str(p / "latin1.txt"),
-     r"latin1.txt is not UTF-8 text \(invalid byte at offset 3\)"),
-    (lambda p: (p / "sub").mkdir() or str(p / "sub"), "holds no .txt files"),
-    (lambda p: (p / "x.txt").write_text("hi") and f"{(p / 'x.txt').as_uri()}#sha256={'0' * 64}",
-     "checksum mismatch .* expected sha256 0{64}, got 8f434346"),
-    (lambda p: "https://example.com/corpus.txt", r"needs its checksum: .*#sha256=<64 hex digits>"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: str(p / "missing.txt"), "not found: no such file or directory"),
+        (lambda p: (p / "empty.txt").write_text(" \n") and str(p / "empty.txt"), "is empty"),
+        (
+            lambda p: (
+                (p / "latin1.txt").write_bytes("café".encode("latin-1")) and str(p / "latin1.txt")
+            ),
+            r"latin1.txt is not UTF-8 text \(invalid byte at offset 3\)",
+        ),
+        (lambda p: (p / "sub").mkdir() or str(p / "sub"), "holds no .txt files"),
+        (
+            lambda p: (
+                (p / "x.txt").write_text("hi") and f"{(p / 'x.txt').as_uri()}#sha256={'0' * 64}"
+            ),
+            "checksum mismatch .* expected sha256 0{64}, got 8f434346",
+        ),
+        (
+            lambda p: "https://example.com/corpus.txt",
+            r"needs its checksum: .*#sha256=<64 hex digits>",
+        ),
+    ],
+)
 def test_bad_corpora_get_clear_errors(tmp_path, make, message):
     with pytest.raises(DataError, match=message):
         load_corpus(make(tmp_path), cache_dir=tmp_path / "cache")
@@ -111,16 +125,23 @@ def test_token_file_is_never_stale_when_the_tokenizer_changes(tmp_path, tok):
     fewer_merges = BPETokenizer.train(TEXT, vocab_size=270)
     other_special = BPETokenizer(tok.mergeable_ranks, {"<|end|>": tok.eot_token}, tok.pattern)
     for changed in [fewer_merges, other_special]:
-        assert tokenize_cached(corpus, changed, tmp_path).tolist() == \
-            changed.encode(TEXT, allowed_special="all")
+        assert tokenize_cached(corpus, changed, tmp_path).tolist() == changed.encode(
+            TEXT, allowed_special="all"
+        )
     assert len(list((tmp_path / "tokens").iterdir())) == 3
 
 
 def test_token_file_from_a_tiktoken_encoding_and_wide_ids(tmp_path, tok):
     corpus = load_corpus(str(_write(tmp_path, TEXT)))
-    enc = tiktoken.Encoding("t", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks,
-                            special_tokens=tok.special_tokens)
-    assert tokenize_cached(corpus, enc, tmp_path).tolist() == enc.encode(TEXT, allowed_special="all")
+    enc = tiktoken.Encoding(
+        "t",
+        pat_str=tok.pattern,
+        mergeable_ranks=tok.mergeable_ranks,
+        special_tokens=tok.special_tokens,
+    )
+    assert tokenize_cached(corpus, enc, tmp_path).tolist() == enc.encode(
+        TEXT, allowed_special="all"
+    )
     wide = BPETokenizer(tok.mergeable_ranks, {"<|endoftext|>": 70_000}, tok.pattern)
     ids = tokenize_cached(corpus, wide, tmp_path)
     assert ids.dtype == np.uint32 and 70_000 in ids
@@ -130,8 +151,9 @@ def test_chunked_tokenization_equals_whole_text_tokenization(tok):
     text = load_corpus().text[:60_000] + TEXT + "end\n\n\n  x\n"
     chunks = _chunks(text, size=997)
     assert len(chunks) > 50 and "".join(chunks) == text
-    assert sum((tok.encode(c, allowed_special="all") for c in chunks), []) == \
-        tok.encode(text, allowed_special="all")
+    assert sum((tok.encode(c, allowed_special="all") for c in chunks), []) == tok.encode(
+        text, allowed_special="all"
+    )
 
 
 def test_split_is_by_position():
@@ -142,7 +164,9 @@ def test_split_is_by_position():
         split_tokens(tokens, 1.5)
 
 
-@pytest.mark.parametrize("n, context_length, stride", [(100, 8, 8), (100, 8, 3), (9, 8, 1), (50, 7, 20)])
+@pytest.mark.parametrize(
+    "n, context_length, stride", [(100, 8, 8), (100, 8, 3), (9, 8, 1), (50, 7, 20)]
+)
 def test_dataset_windows_are_shifted_by_one(n, context_length, stride):
     tokens = np.arange(n, dtype=np.uint16) * 7 % 251
     dataset = GPTDataset(tokens, context_length, stride)
@@ -150,24 +174,35 @@ def test_dataset_windows_are_shifted_by_one(n, context_length, stride):
     assert len(dataset) == len(expected)
     for i, start in enumerate(expected):
         x, y = dataset[i]
-        assert x.dtype == torch.long and x.tolist() == tokens[start : start + context_length].tolist()
+        assert (
+            x.dtype == torch.long and x.tolist() == tokens[start : start + context_length].tolist()
+        )
         assert y.tolist() == tokens[start + 1 : start + context_length + 1].tolist()
 
 
 def test_corpus_shorter_than_one_window_is_rejected():
-    for make in [lambda t: GPTDataset(t, 8, 8), lambda t: get_batch(t, 2, 8),
-                 lambda t: RandomBatchSampler(t, 2, 8)]:
-        with pytest.raises(DataError, match="shorter than one context window: 8 tokens, need "
-                                            "at least context_length \\+ 1 = 9"):
+    for make in [
+        lambda t: GPTDataset(t, 8, 8),
+        lambda t: get_batch(t, 2, 8),
+        lambda t: RandomBatchSampler(t, 2, 8),
+    ]:
+        with pytest.raises(
+            DataError,
+            match="shorter than one context window: 8 tokens, need "
+            "at least context_length \\+ 1 = 9",
+        ):
             make(np.arange(8, dtype=np.uint16))
 
 
 def test_dataloader_batches_are_seeded():
     tokens = np.arange(1000, dtype=np.uint16)
+
     def first(seed):
-        loader = create_dataloader(tokens, 4, 16, 16, shuffle=True,
-                                   generator=torch.Generator().manual_seed(seed))
+        loader = create_dataloader(
+            tokens, 4, 16, 16, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        )
         return next(iter(loader))
+
     (x, y), (x2, _), (x3, _) = first(0), first(0), first(1)
     assert x.shape == y.shape == (4, 16) and torch.equal(y, x + 1)
     assert torch.equal(x, x2) and not torch.equal(x, x3)

@@ -114,8 +114,10 @@ def test_gradcheck_float64(device):
 def test_opcheck(device):
     scores = torch.randn(2, 5, 5, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.gpt_fused.causal_softmax, (scores, 0.5))
-    torch.library.opcheck(torch.ops.gpt_fused.causal_softmax_backward,
-                          (torch.randn(2, 5, 5, device=device), torch.rand(2, 5, 5, device=device), 0.5))
+    torch.library.opcheck(
+        torch.ops.gpt_fused.causal_softmax_backward,
+        (torch.randn(2, 5, 5, device=device), torch.rand(2, 5, 5, device=device), 0.5),
+    )
 
 
 def test_torch_compile_fullgraph():
@@ -177,9 +179,15 @@ FALLBACK = textwrap.dedent("""
 def test_failed_build_falls_back_once_and_strict_raises(tmp_path):
     # A compiler that always fails, and an empty cache, so the build really runs and really fails.
     env = {**os.environ, "CXX": "false", "GPT_CACHE_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", FALLBACK], cwd=REPO, env=env, check=False,
-                         capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", FALLBACK],
+        cwd=REPO,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
     assert lines["same"] == "True"  # the plain path ran in every layer, every call
@@ -217,9 +225,15 @@ CUDA_BUILD = textwrap.dedent("""
 def test_cuda_sources_compile_and_load():
     # In a subprocess: the CUDA build defines the same ops as the CPU build already loaded here.
     env = {**os.environ, "TORCH_CUDA_ARCH_LIST": "8.0;9.0"}  # two archs, to bound the build time
-    out = subprocess.run([sys.executable, "-c", CUDA_BUILD], cwd=REPO, env=env, check=False,
-                         capture_output=True,
-                         text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-c", CUDA_BUILD],
+        cwd=REPO,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "cuda kernels registered" in out.stdout
 

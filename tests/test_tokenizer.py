@@ -21,22 +21,24 @@ from src.tokenizer import BPETokenizer, TokenizerNotFound, get_tokenizer
 EOT = "<|endoftext|>"
 
 # Text of every kind a tokenizer can trip on.
-VARIED = "\n".join([
-    "Hello, world! It's a test: we'll see, they're sure, I've, you'd, she'm. DON'T SHOUT'S",
-    "Grüße aus Köln; façade, naïve, coöperate. Ελληνικά κείμενα. Русский текст, ёлка.",
-    "العربية نص عربي. עברית כאן. हिन्दी पाठ यहाँ है। 中文文本，日本語のテキスト。한국어 텍스트.",
-    "ภาษาไทย ไม่มีช่องว่าง. Ꭰ Cherokee, ᚠᚢᚦ runes, 𝔉𝔯𝔞𝔨𝔱𝔲𝔯 math letters.",
-    "Emoji: 😀 👍🏽 👨‍👩‍👧‍👦 🇩🇪🇯🇵 ❤️ 🏳️‍🌈 and ZWJ\u200dinside, BOM\ufeffhere.",
-    "Combining: e\u0301 a\u0308\u0304 n\u0303o Z\u0351\u0362a\u036a\u0337l\u0353g\u0339o\u0336.",
-    "Spaces:  two   three    four\ttab\t\ttabs \t mixed\u00a0nbsp\u3000ideographic\u2028sep",
-    "Newlines:\n\n\nthree\r\nCRLF\r\n\r\n  indented\n\t\ttabbed\n   \n",
-    "Digits: 0 42 3.14159 1,000,000 2024-11-24 12:30 0x1F 1e-9 ١٢٣ ٤٥٦ ⅷ ½ ²³",
-    "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n\n\nif __name__ == '__main__':",
-    "Control: \x00\x01\x07\x1b[31mred\x1b[0m \x7f \x85 end",
-    "Punctuation runs: ...!!!??? --- ___ *** ((())) <<>> ''' \"\"\" ``` ~~~ @@ ## $$",
-    f"{EOT}starts, middle{EOT}glued{EOT}{EOT} twice, ends{EOT}",
-    "trailing spaces   \n  \n\t",
-])
+VARIED = "\n".join(
+    [
+        "Hello, world! It's a test: we'll see, they're sure, I've, you'd, she'm. DON'T SHOUT'S",
+        "Grüße aus Köln; façade, naïve, coöperate. Ελληνικά κείμενα. Русский текст, ёлка.",
+        "العربية نص عربي. עברית כאן. हिन्दी पाठ यहाँ है। 中文文本，日本語のテキスト。한국어 텍스트.",
+        "ภาษาไทย ไม่มีช่องว่าง. Ꭰ Cherokee, ᚠᚢᚦ runes, 𝔉𝔯𝔞𝔨𝔱𝔲𝔯 math letters.",
+        "Emoji: 😀 👍🏽 👨‍👩‍👧‍👦 🇩🇪🇯🇵 ❤️ 🏳️‍🌈 and ZWJ\u200dinside, BOM\ufeffhere.",
+        "Combining: e\u0301 a\u0308\u0304 n\u0303o Z\u0351\u0362a\u036a\u0337l\u0353g\u0339o\u0336.",
+        "Spaces:  two   three    four\ttab\t\ttabs \t mixed\u00a0nbsp\u3000ideographic\u2028sep",
+        "Newlines:\n\n\nthree\r\nCRLF\r\n\r\n  indented\n\t\ttabbed\n   \n",
+        "Digits: 0 42 3.14159 1,000,000 2024-11-24 12:30 0x1F 1e-9 ١٢٣ ٤٥٦ ⅷ ½ ²³",
+        "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n\n\nif __name__ == '__main__':",
+        "Control: \x00\x01\x07\x1b[31mred\x1b[0m \x7f \x85 end",
+        "Punctuation runs: ...!!!??? --- ___ *** ((())) <<>> ''' \"\"\" ``` ~~~ @@ ## $$",
+        f"{EOT}starts, middle{EOT}glued{EOT}{EOT} twice, ends{EOT}",
+        "trailing spaces   \n  \n\t",
+    ]
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +49,12 @@ def tok() -> BPETokenizer:
 
 @pytest.fixture(scope="module")
 def reference(tok) -> tiktoken.Encoding:
-    return tiktoken.Encoding("trained", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks,
-                             special_tokens=tok.special_tokens)
+    return tiktoken.Encoding(
+        "trained",
+        pat_str=tok.pattern,
+        mergeable_ranks=tok.mergeable_ranks,
+        special_tokens=tok.special_tokens,
+    )
 
 
 def test_trained_ids_equal_tiktoken_on_varied_text(tok, reference):
@@ -59,32 +65,56 @@ def test_trained_ids_equal_tiktoken_on_varied_text(tok, reference):
         assert ids == reference.encode(text, allowed_special="all")
         assert tok.decode(ids) == text
         # Special-token text treated as ordinary text.
-        assert tok.encode(text, disallowed_special=()) == reference.encode(text, disallowed_special=())
+        assert tok.encode(text, disallowed_special=()) == reference.encode(
+            text, disallowed_special=()
+        )
     assert EOT not in tok.decode(tok.encode(VARIED, disallowed_special=())[:5])
 
 
-@pytest.mark.parametrize("allowed, disallowed", [
-    (set(), "all"), ("all", "all"), ({EOT}, "all"), (set(), ()), (set(), {EOT}), ({EOT}, ()),
-    ({"<|pad|>", "<|unknown|>"}, ()),
-])
+@pytest.mark.parametrize(
+    "allowed, disallowed",
+    [
+        (set(), "all"),
+        ("all", "all"),
+        ({EOT}, "all"),
+        (set(), ()),
+        (set(), {EOT}),
+        ({EOT}, ()),
+        ({"<|pad|>", "<|unknown|>"}, ()),
+    ],
+)
 def test_special_token_rules_match_tiktoken(allowed, disallowed):
     specials = ["<|endoftext|>", "<|pad|>", "<|end|>"]
     tok = BPETokenizer.train(VARIED, 300, special_tokens=specials)
-    ref = tiktoken.Encoding("t", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks,
-                            special_tokens=tok.special_tokens)
-    for text in ["plain text", f"a{EOT}b", "x<|pad|>y<|end|>", "<|end|><|endoftext|>", "<|end",
-                 "<|unknown|>"]:
+    ref = tiktoken.Encoding(
+        "t",
+        pat_str=tok.pattern,
+        mergeable_ranks=tok.mergeable_ranks,
+        special_tokens=tok.special_tokens,
+    )
+    for text in [
+        "plain text",
+        f"a{EOT}b",
+        "x<|pad|>y<|end|>",
+        "<|end|><|endoftext|>",
+        "<|end",
+        "<|unknown|>",
+    ]:
         try:
             expected = ref.encode(text, allowed_special=allowed, disallowed_special=disallowed)
         except ValueError:
             with pytest.raises(ValueError, match="special token"):
                 tok.encode(text, allowed_special=allowed, disallowed_special=disallowed)
         else:
-            assert tok.encode(text, allowed_special=allowed, disallowed_special=disallowed) == expected
+            assert (
+                tok.encode(text, allowed_special=allowed, disallowed_special=disallowed) == expected
+            )
 
 
 def test_disallowed_special_text_raises_a_clear_error(tok):
-    with pytest.raises(ValueError, match=r"contains the special token '<\|endoftext\|>'.*allowed_special"):
+    with pytest.raises(
+        ValueError, match=r"contains the special token '<\|endoftext\|>'.*allowed_special"
+    ):
         tok.encode(f"some text {EOT} more")
 
 
@@ -114,7 +144,9 @@ def test_unicode_classes_agree_with_tiktoken_on_every_code_point():
     every = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
     byte_ranks = {bytes([b]): b for b in range(256)}
     for cls in [r"\p{L}", r"\p{N}", r"\s", r"[^\s\p{L}\p{N}]"]:
-        probe = tiktoken.Encoding("probe", pat_str=cls, mergeable_ranks=byte_ranks, special_tokens={})
+        probe = tiktoken.Encoding(
+            "probe", pat_str=cls, mergeable_ranks=byte_ranks, special_tokens={}
+        )
         theirs = probe.decode(probe.encode(every, disallowed_special=()))
         assert "".join(regex.findall(cls, every)) == theirs, cls
 
@@ -132,8 +164,9 @@ def _naive_train(text: str, vocab_size: int) -> dict[bytes, int]:
 
     vocab = [bytes([b]) for b in BYTE_ORDER]
     ranks = {t: i for i, t in enumerate(vocab)}
-    words = Counter(tuple(ranks[bytes([b])] for b in w.encode()) for w in
-                    regex.findall(GPT2_PATTERN, text))
+    words = Counter(
+        tuple(ranks[bytes([b])] for b in w.encode()) for w in regex.findall(GPT2_PATTERN, text)
+    )
     while len(vocab) < vocab_size:
         counts = Counter()
         for word, n in words.items():
@@ -204,8 +237,10 @@ def test_gpt2_files_written_from_a_trained_tokenizer_round_trip(tok, tmp_path):
     encoder, merges = tmp_path / "encoder.json", tmp_path / "vocab.bpe"
     tok.save_gpt2_files(encoder, merges)
     # tiktoken's own reader of the format rebuilds exactly our ranks ...
-    assert tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(merges), str(encoder)) == \
-        tok.mergeable_ranks
+    assert (
+        tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(merges), str(encoder))
+        == tok.mergeable_ranks
+    )
     # ... and our reader gives a tokenizer that encodes exactly like the original.
     loaded = BPETokenizer.from_gpt2_files(encoder, merges)
     assert loaded.special_tokens == tok.special_tokens
@@ -214,19 +249,28 @@ def test_gpt2_files_written_from_a_trained_tokenizer_round_trip(tok, tmp_path):
 
 def _real_gpt2(folder):
     ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-        str(folder / "vocab.bpe"), str(folder / "encoder.json"))
-    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={EOT: 50256}, explicit_n_vocab=50257)
+        str(folder / "vocab.bpe"), str(folder / "encoder.json")
+    )
+    return tiktoken.Encoding(
+        "gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={EOT: 50256},
+        explicit_n_vocab=50257,
+    )
 
 
 def test_real_gpt2_files_give_tiktokens_ids(reference_data):
-    ours = BPETokenizer.from_gpt2_files(reference_data / "gpt2" / "encoder.json",
-                                        reference_data / "gpt2" / "vocab.bpe")
+    ours = BPETokenizer.from_gpt2_files(
+        reference_data / "gpt2" / "encoder.json", reference_data / "gpt2" / "vocab.bpe"
+    )
     theirs = _real_gpt2(reference_data / "gpt2")
     assert ours.n_vocab == 50257 and ours.eot_token == 50256
     assert ours.encode("Hello world") == [15496, 995]
     for text in [VARIED, *VARIED.split("\n")]:
-        assert ours.encode(text, allowed_special="all") == theirs.encode(text, allowed_special="all")
+        assert ours.encode(text, allowed_special="all") == theirs.encode(
+            text, allowed_special="all"
+        )
     story = (reference_data / "the-verdict.txt").read_text("utf-8")
     ids = ours.encode(story)
     assert ids == theirs.encode(story) and len(ids) == 5145
@@ -258,9 +302,23 @@ def test_get_tokenizer_gpt2_offline_says_how_to_proceed(monkeypatch):
 def test_benchmark_runs_and_reports_the_ratio(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "benchmarks/tokenizer.py", "--repeats", "1", "--vocab-size", "1024",
-         "--gpt2-dir", str(tmp_path / "absent"), "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "benchmarks/tokenizer.py",
+            "--repeats",
+            "1",
+            "--vocab-size",
+            "1024",
+            "--gpt2-dir",
+            str(tmp_path / "absent"),
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(out.read_text())["encode"]
     assert row["n_vocab"] == 1024 and row["ratio_cold"] > 0 and "ratio warm" in result.stdout
