@@ -19,6 +19,7 @@ extra cost at inference. ``unmerge_lora`` subtracts it back out, to continue tra
 adapters.
 """
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -108,6 +109,18 @@ def unmerge_lora(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.unmerge()
+
+
+def merged_model(model: nn.Module) -> nn.Module:
+    """A plain copy of ``model``: every LoRA update folded into its weight and every wrapper replaced
+    by that Linear layer. It loads wherever the base model loads; ``model`` is left as it was."""
+    plain = copy.deepcopy(model)
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, LoRALinear):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent_name), child, module.base)
+    return plain
 
 
 # --8<-- [end:apply_lora]
