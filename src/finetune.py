@@ -38,22 +38,42 @@ from src.training import (
 
 # --8<-- [start:arguments]
 def add_common_arguments(
-    p: argparse.ArgumentParser, trainable: tuple[str, ...], default_trainable: str, default_lr: float
+    p: argparse.ArgumentParser,
+    trainable: tuple[str, ...],
+    default_trainable: str,
+    default_lr: float,
 ) -> None:
     """The flags every finetuning command has: where the base model comes from, what trains, how."""
     base = p.add_argument_group("base model (one of; default: --pretrained gpt2)")
     source = base.add_mutually_exclusive_group()
-    source.add_argument("--pretrained", choices=list(GPT2_REPOS), help="OpenAI GPT-2 weights, downloaded once and cached")
-    source.add_argument("--weights", help="a local GPT-2 .safetensors file, or a folder with model.safetensors and config.json")
-    source.add_argument("--base-checkpoint", help="a run folder or checkpoint written by python -m src.train")
-    source.add_argument("--preset", choices=list(PRESETS), help="a freshly initialised model of this size (for experiments)")
+    source.add_argument(
+        "--pretrained",
+        choices=list(GPT2_REPOS),
+        help="OpenAI GPT-2 weights, downloaded once and cached",
+    )
+    source.add_argument(
+        "--weights",
+        help="a local GPT-2 .safetensors file, or a folder with model.safetensors and config.json",
+    )
+    source.add_argument(
+        "--base-checkpoint", help="a run folder or checkpoint written by python -m src.train"
+    )
+    source.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="a freshly initialised model of this size (for experiments)",
+    )
     base.add_argument(
         "--tokenizer", default=None,
         help="'gpt2', a folder with GPT-2's encoder.json and vocab.bpe, or a saved BPE tokenizer file "
         "(default: the base checkpoint's tokenizer, else gpt2)",
     )  # fmt: skip
-    base.add_argument("--attn-impl", choices=ATTN_IMPLS, default="sdpa", help="attention path (default: sdpa)")
-    base.add_argument("--drop-rate", type=float, default=0.0, help="dropout while finetuning (default: 0.0)")
+    base.add_argument(
+        "--attn-impl", choices=ATTN_IMPLS, default="sdpa", help="attention path (default: sdpa)"
+    )
+    base.add_argument(
+        "--drop-rate", type=float, default=0.0, help="dropout while finetuning (default: 0.0)"
+    )
 
     train = p.add_argument_group("training")
     train.add_argument(
@@ -61,23 +81,72 @@ def add_common_arguments(
         help=f"which parameters train: {', '.join(trainable)} (default: {default_trainable}); "
         "see the book's chapter for what each costs",
     )  # fmt: skip
-    train.add_argument("--lora-rank", type=int, default=16, help="rank of the LoRA update with --trainable lora (default: 16)")
-    train.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha; the update is scaled by alpha/rank (default: 16)")
-    train.add_argument("--epochs", type=int, default=2, help="passes over the training split (default: 2)")
-    train.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step (default: 8)")
-    train.add_argument("--lr", type=float, default=default_lr, help=f"peak learning rate (default: {default_lr:g})")
-    train.add_argument("--min-lr", type=float, default=None, help="learning rate reached at the end by cosine decay (default: --lr, a constant rate)")
-    train.add_argument("--warmup-steps", type=int, default=0, help="steps of linear warmup (default: 0)")
-    train.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default: 0.1)")
-    train.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off; default: 1.0)")
+    train.add_argument(
+        "--lora-rank",
+        type=int,
+        default=16,
+        help="rank of the LoRA update with --trainable lora (default: 16)",
+    )
+    train.add_argument(
+        "--lora-alpha",
+        type=float,
+        default=16.0,
+        help="LoRA scale alpha; the update is scaled by alpha/rank (default: 16)",
+    )
+    train.add_argument(
+        "--epochs", type=int, default=2, help="passes over the training split (default: 2)"
+    )
+    train.add_argument(
+        "--batch-size", type=int, default=8, help="examples per optimizer step (default: 8)"
+    )
+    train.add_argument(
+        "--lr", type=float, default=default_lr, help=f"peak learning rate (default: {default_lr:g})"
+    )
+    train.add_argument(
+        "--min-lr",
+        type=float,
+        default=None,
+        help="learning rate reached at the end by cosine decay (default: --lr, a constant rate)",
+    )
+    train.add_argument(
+        "--warmup-steps", type=int, default=0, help="steps of linear warmup (default: 0)"
+    )
+    train.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.1,
+        help="AdamW weight decay on matrices (default: 0.1)",
+    )
+    train.add_argument(
+        "--grad-clip",
+        type=float,
+        default=1.0,
+        help="clip the gradient norm to this (0: off; default: 1.0)",
+    )
     train.add_argument(
         "--too-long", choices=("error", "truncate"), default="error",
         help="an example longer than the context: stop with an error, or cut it and warn (default: error)",
     )  # fmt: skip
-    train.add_argument("--seed", type=int, default=123, help="seed for initialisation, shuffling and splits (default: 123)")
-    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    train.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision (default: fp32)")
-    train.add_argument("--out-dir", default=None, help="where the model, metrics and results go (required to train)")
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=123,
+        help="seed for initialisation, shuffling and splits (default: 123)",
+    )
+    train.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)"
+    )
+    train.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="autocast precision (default: fp32)",
+    )
+    train.add_argument(
+        "--out-dir",
+        default=None,
+        help="where the model, metrics and results go (required to train)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -239,7 +308,12 @@ def finetune(
     def record(entry: dict) -> dict:
         log.write(json.dumps(entry) + "\n")
         log.flush()
-        print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()), file=sys.stderr)
+        print(
+            "  ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()
+            ),
+            file=sys.stderr,
+        )
         return entry
 
     start = time.perf_counter()
@@ -263,8 +337,17 @@ def finetune(
                 step += 1
                 bar.update()
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-            last = record({"epoch": epoch, "step": step} | evaluate() | {"seconds": round(time.perf_counter() - start, 1)})
-            state = meta | {"step": step, "epoch": epoch, "metrics": last, "config": model.cfg.to_dict()}
+            last = record(
+                {"epoch": epoch, "step": step}
+                | evaluate()
+                | {"seconds": round(time.perf_counter() - start, 1)}
+            )
+            state = meta | {
+                "step": step,
+                "epoch": epoch,
+                "metrics": last,
+                "config": model.cfg.to_dict(),
+            }
             save_checkpoint(out_dir, merged_model(model), optimizer, state)
     finally:
         bar.close()

@@ -81,15 +81,21 @@ def load_instructions(path: str | Path) -> list[dict]:
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+        raise DataError(
+            f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+        ) from None
     if not isinstance(data, list) or not data:
-        raise DataError(f"{path}: expected a non-empty JSON list of {{instruction, input, output}} objects")
+        raise DataError(
+            f"{path}: expected a non-empty JSON list of {{instruction, input, output}} objects"
+        )
     for i, entry in enumerate(data):
         if not isinstance(entry, dict):
             raise DataError(f"{path}: entry {i} is not a JSON object")
         missing = [k for k in KEYS if k not in entry]
         if missing:
-            raise DataError(f"{path}: entry {i} has no {', '.join(missing)} (each entry needs {', '.join(KEYS)})")
+            raise DataError(
+                f"{path}: entry {i} has no {', '.join(missing)} (each entry needs {', '.join(KEYS)})"
+            )
         wrong = [k for k in KEYS if not isinstance(entry[k], str)]
         if wrong:
             raise DataError(f"{path}: entry {i}: {wrong[0]!r} must be a string")
@@ -110,7 +116,9 @@ def split_instructions(data: Sequence[dict], train: float = 0.85, test: float = 
 
 
 # --8<-- [start:encode]
-def encode_example(entry: dict, tokenizer, max_tokens: int, too_long: str, where: str) -> tuple[list[int], int]:
+def encode_example(
+    entry: dict, tokenizer, max_tokens: int, too_long: str, where: str
+) -> tuple[list[int], int]:
     """Token ids of prompt + response + end-of-text, and how many of them are the prompt.
 
     ``max_tokens`` is the context length + 1: the model reads all ids but the last and predicts all
@@ -202,7 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
         "output). Splits the data 85/5/10 into train/val/test in file order, trains, writes the "
         "model's responses to the test split to OUT_DIR/responses.json and scores them.",
     )
-    p.add_argument("--data", required=True, help="Alpaca-format JSON file (a list of {instruction, input, output})")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="Alpaca-format JSON file (a list of {instruction, input, output})",
+    )
     p.add_argument(
         "--mask-prompt", action="store_true",
         help="exclude the prompt tokens from the loss, training only on responses (default: off)",
@@ -234,10 +246,16 @@ def _run(args: argparse.Namespace) -> None:
     train_set, val_set, test_set = split_instructions(data)
     if not (train_set and val_set and test_set):
         raise DataError(f"{args.data}: {len(data)} entries are too few for an 85/5/10 split")
-    print(f"data: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test examples", file=sys.stderr)
+    print(
+        f"data: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test examples",
+        file=sys.stderr,
+    )
     max_tokens = model.cfg.context_length + 1
     encoded = {
-        name: [encode_example(e, tokenizer, max_tokens, args.too_long, f"{name} example {i}") for i, e in enumerate(split)]
+        name: [
+            encode_example(e, tokenizer, max_tokens, args.too_long, f"{name} example {i}")
+            for i, e in enumerate(split)
+        ]
         for name, split in (("train", train_set), ("val", val_set))
     }
     lora = set_trainable(model, args.trainable, args.lora_rank, args.lora_alpha)
@@ -246,10 +264,16 @@ def _run(args: argparse.Namespace) -> None:
 
     def batches(split: str, shuffle: bool, generator: torch.Generator | None = None):
         examples = encoded[split]
-        order = torch.randperm(len(examples), generator=generator).tolist() if shuffle else range(len(examples))
+        order = (
+            torch.randperm(len(examples), generator=generator).tolist()
+            if shuffle
+            else range(len(examples))
+        )
         order = list(order)
         for i in range(0, len(order), args.batch_size):
-            inputs, targets = collate([examples[j] for j in order[i : i + args.batch_size]], pad_id, args.mask_prompt)
+            inputs, targets = collate(
+                [examples[j] for j in order[i : i + args.batch_size]], pad_id, args.mask_prompt
+            )
             yield inputs.to(device), targets.to(device)
 
     def loss_fn(batch) -> torch.Tensor:
@@ -280,7 +304,12 @@ def _run(args: argparse.Namespace) -> None:
     print(f"writing responses to {len(entries)} test examples", file=sys.stderr)
     responses = respond(model, tokenizer, entries, args.max_new_tokens, device)
     scored = [
-        dict(e, model_response=r, exact_match=exact_match(r, e["output"]), token_f1=token_f1(r, e["output"]))
+        dict(
+            e,
+            model_response=r,
+            exact_match=exact_match(r, e["output"]),
+            token_f1=token_f1(r, e["output"]),
+        )
         for e, r in zip(entries, responses, strict=True)
     ]
     scores = {

@@ -21,12 +21,24 @@ from src.instruct import (
 )
 from src.tokenizer import BPETokenizer
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from a second thread and lose much when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 PAD = 99
 X = -100
 
 
 def test_prompt_format_with_and_without_input():
-    with_input = format_prompt({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"})
+    with_input = format_prompt(
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+    )
     assert with_input == (
         "Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.\n\n### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3"
@@ -81,16 +93,22 @@ class Chars:
 
 def test_encode_example_appends_end_of_text_and_counts_the_prompt():
     entry = {"instruction": "I", "input": "", "output": "ok"}
-    ids, prompt_length = encode_example(entry, Chars(), max_tokens=1000, too_long="error", where="x")
+    ids, prompt_length = encode_example(
+        entry, Chars(), max_tokens=1000, too_long="error", where="x"
+    )
     assert prompt_length == len(format_prompt(entry))
     assert ids == Chars().encode(format_prompt(entry) + "ok") + [0]
 
 
 def test_too_long_example_errors_or_is_truncated_by_flag(capsys):
     entry = {"instruction": "I", "input": "", "output": "a long answer"}
-    with pytest.raises(DataError, match="train example 3 has .* tokens, more than the 50 .*--too-long truncate"):
+    with pytest.raises(
+        DataError, match="train example 3 has .* tokens, more than the 50 .*--too-long truncate"
+    ):
         encode_example(entry, Chars(), max_tokens=50, too_long="error", where="train example 3")
-    ids, _ = encode_example(entry, Chars(), max_tokens=50, too_long="truncate", where="train example 3")
+    ids, _ = encode_example(
+        entry, Chars(), max_tokens=50, too_long="truncate", where="train example 3"
+    )
     assert len(ids) == 50
     assert "warning: train example 3" in capsys.readouterr().err
 
@@ -106,10 +124,10 @@ def test_scores():
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("[{\"instruction\": \"a\", ", "not valid JSON"),
-        ("{\"instruction\": \"a\"}", "expected a non-empty JSON list"),
-        ("[{\"instruction\": \"a\", \"input\": \"\"}]", "entry 0 has no output"),
-        ("[{\"instruction\": \"a\", \"input\": \"\", \"output\": 3}]", "'output' must be a string"),
+        ('[{"instruction": "a", ', "not valid JSON"),
+        ('{"instruction": "a"}', "expected a non-empty JSON list"),
+        ('[{"instruction": "a", "input": ""}]', "entry 0 has no output"),
+        ('[{"instruction": "a", "input": "", "output": 3}]', "'output' must be a string"),
     ],
 )
 def test_bad_json_is_reported(tmp_path, content, message):
@@ -121,7 +139,7 @@ def test_bad_json_is_reported(tmp_path, content, message):
 
 def test_bad_json_from_the_command_line_is_one_line_and_writes_nothing(tmp_path):
     path = tmp_path / "data.json"
-    path.write_text("[{\"instruction\": \"a\", \"input\": \"\"}]")
+    path.write_text('[{"instruction": "a", "input": ""}]')
     out = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "src.instruct", "--data", str(path), "--out-dir", str(out)],
