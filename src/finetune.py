@@ -297,7 +297,8 @@ def finetune(
     """
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = open(out_dir / "metrics.jsonl", "w")  # noqa: SIM115  (closed below; written as we go)
+    log = out_dir / "metrics.jsonl"
+    log.write_text("")  # this run's metrics only
     print(describe_trainable(model), file=sys.stderr)
     optimizer = adamw(model, args.lr, args.weight_decay)
     steps_per_epoch = -(-n_train // args.batch_size)
@@ -306,8 +307,8 @@ def finetune(
     generator = torch.Generator().manual_seed(args.seed)
 
     def record(entry: dict) -> dict:
-        log.write(json.dumps(entry) + "\n")
-        log.flush()
+        with open(log, "a") as f:  # appended as we go: an interrupted run keeps what it logged
+            f.write(json.dumps(entry) + "\n")
         print(
             "  ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()
@@ -351,7 +352,6 @@ def finetune(
             save_checkpoint(out_dir, merged_model(model), optimizer, state)
     finally:
         bar.close()
-        log.close()
     return {"before": first, "after": last}
 
 

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from src.data import DataError
 from src.finetune import (
@@ -183,12 +184,14 @@ def token_f1(response: str, reference: str) -> float:
 
 # --8<-- [start:respond]
 @torch.no_grad()
-def respond(model, tokenizer, entries: Sequence[dict], max_new_tokens: int, device) -> list[str]:
+def respond(
+    model, tokenizer, entries: Sequence[dict], max_new_tokens: int, device, quiet: bool = False
+) -> list[str]:
     """Greedy responses to each entry's prompt, cut at the first end-of-text token."""
     model.eval()
     context_length = model.cfg.context_length
     responses = []
-    for entry in entries:
+    for entry in tqdm(entries, desc="responses", disable=quiet, dynamic_ncols=True):
         prompt = tokenizer.encode(format_prompt(entry))[-context_length:]
         idx = torch.tensor([prompt], device=device)
         out = generate(model, idx, max_new_tokens, context_length, eos_id=tokenizer.eot_token)
@@ -302,7 +305,7 @@ def _run(args: argparse.Namespace) -> None:
     merge_lora(model)  # generation runs at the base model's speed
     entries = test_set if args.limit_test is None else test_set[: args.limit_test]
     print(f"writing responses to {len(entries)} test examples", file=sys.stderr)
-    responses = respond(model, tokenizer, entries, args.max_new_tokens, device)
+    responses = respond(model, tokenizer, entries, args.max_new_tokens, device, args.quiet)
     scored = [
         dict(
             e,
