@@ -31,6 +31,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from src.model import GPTConfig, GPTModel
+from src.tokenizer import BPETokenizer, get_tokenizer
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -176,12 +179,14 @@ LATEST = "latest"  # a small file naming the newest complete checkpoint folder
 
 
 def save_checkpoint(
-    out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict
+    out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, tokenizer, meta: dict
 ) -> Path:
     """Write ``out_dir/checkpoints/step_NNNNNNN/`` and make it the latest, atomically.
 
     The folder holds ``model.safetensors`` (weights), ``optimizer.pt`` (AdamW's moments, tensors
-    and numbers only) and ``checkpoint.json`` (``meta``: config, tokenizer, step, RNG states, ...).
+    and numbers only), ``tokenizer.json`` (when the tokenizer is ours; a tiktoken one is named in
+    the sidecar) and ``checkpoint.json`` (``meta``: config, tokenizer, step, RNG states, ...), so
+    that the folder alone is enough to generate text.
     It is written under a temporary name, flushed to disk, renamed, and only then does the
     ``latest`` pointer move to it (``os.replace`` is atomic). A kill at any point leaves either the
     old pointer or the new one, each naming a complete folder. Older folders are then removed.
@@ -198,6 +203,8 @@ def save_checkpoint(
         state.pop("out_head.weight", None)
     save_file(state, tmp / "model.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if hasattr(tokenizer, "save"):
+        tokenizer.save(tmp / "tokenizer.json")
     (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2))
     for f in tmp.iterdir():
         _fsync(f)
@@ -238,6 +245,21 @@ def load_weights(ckpt: Path, model: nn.Module) -> None:
     if getattr(getattr(model, "cfg", None), "tie_weights", False):
         state["out_head.weight"] = state["tok_emb.weight"]
     model.load_state_dict(state)
+
+
+def load_model(path: Path, device: torch.device) -> tuple[GPTModel, object, dict]:
+    """The model (in eval mode), tokenizer and sidecar of the checkpoint that ``path`` means."""
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise ConfigError(f"no checkpoint in {path} (expected a run folder or a checkpoint folder)")
+    meta = load_checkpoint_meta(ckpt)
+    model = GPTModel(GPTConfig(**meta["config"]))
+    load_weights(ckpt, model)
+    if (ckpt / "tokenizer.json").is_file():
+        tokenizer = BPETokenizer.load(ckpt / "tokenizer.json")
+    else:
+        tokenizer = get_tokenizer(meta["tokenizer"]["ref"])
+    return model.to(device).eval(), tokenizer, meta
 
 
 def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
