@@ -54,7 +54,7 @@ from src.finetune import (
     set_trainable,
 )
 from src.model import GPTConfig, GPTModel
-from src.tokenizer import get_tokenizer
+from src.tokenizer import BPETokenizer, get_tokenizer
 from src.training import (
     ConfigError,
     autocast,
@@ -260,7 +260,10 @@ def load_classifier(out_dir: str | Path, device: torch.device):
         raise ConfigError(f"{ckpt} is not a classifier checkpoint (it has no labels)")
     model = make_classifier(GPTModel(GPTConfig(**meta["config"])), len(meta["labels"]))
     load_weights(ckpt, model)
-    tokenizer = get_tokenizer(meta["tokenizer"]["ref"])
+    if (ckpt / "tokenizer.json").is_file():  # our BPE travels with the checkpoint
+        tokenizer = BPETokenizer.load(ckpt / "tokenizer.json")
+    else:
+        tokenizer = get_tokenizer(meta["tokenizer"]["ref"])
     return model.to(device).eval(), tokenizer, meta["labels"]
 
 
@@ -410,7 +413,9 @@ def _run(args: argparse.Namespace) -> None:
         return result
 
     meta = base | {"labels": labels, "lora": lora}
-    metrics = finetune(model, args, batches, loss_fn, evaluate, len(encoded["train"]), meta)
+    metrics = finetune(
+        model, tokenizer, args, batches, loss_fn, evaluate, len(encoded["train"]), meta
+    )
     final = evaluate(final=True)
     for split in ("train", "val", "test"):
         print(

@@ -29,6 +29,7 @@ from src.training import (
     NonFiniteLossError,
     adamw,
     check_finite,
+    load_model,
     lr_at,
     progress_bar,
     resolve_device,
@@ -210,8 +211,6 @@ def load_base_model(args: argparse.Namespace) -> tuple[GPTModel, object, dict]:
     device = resolve_device(args.device)
     fields = dict(drop_rate=args.drop_rate, attn_impl=args.attn_impl)
     if args.base_checkpoint:
-        from src.training import load_model
-
         trained, tokenizer, meta = load_model(Path(args.base_checkpoint), device)
         model = GPTModel(GPTConfig(**(trained.cfg.to_dict() | fields)))
         model.load_state_dict(trained.state_dict())
@@ -280,6 +279,7 @@ def describe_trainable(model: nn.Module) -> str:
 # --8<-- [start:finetune]
 def finetune(
     model: GPTModel,
+    tokenizer,
     args: argparse.Namespace,
     batches: Callable[..., Iterable],
     loss_fn: Callable[[object], torch.Tensor],
@@ -292,7 +292,7 @@ def finetune(
     ``batches("train", shuffle=True, generator=g)`` yields training batches, ``loss_fn(batch)``
     returns their mean loss, ``evaluate()`` a dict of numbers. Every evaluation is appended to
     ``out_dir/metrics.jsonl``; after each epoch the model, with any LoRA update merged in, is saved
-    as a checkpoint of ``src.training`` with ``meta`` in its sidecar. Returns the first and the
+    as a checkpoint of ``src.training``, with the tokenizer and ``meta`` beside it. Returns the first and the
     last evaluation.
     """
     out_dir = Path(args.out_dir)
@@ -349,7 +349,7 @@ def finetune(
                 "metrics": last,
                 "config": model.cfg.to_dict(),
             }
-            save_checkpoint(out_dir, merged_model(model), optimizer, state)
+            save_checkpoint(out_dir, merged_model(model), optimizer, tokenizer, state)
     finally:
         bar.close()
     return {"before": first, "after": last}

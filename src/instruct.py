@@ -300,7 +300,9 @@ def _run(args: argparse.Namespace) -> None:
         return result
 
     meta = base | {"lora": lora, "mask_prompt": args.mask_prompt}
-    metrics = finetune(model, args, batches, loss_fn, evaluate, len(encoded["train"]), meta)
+    metrics = finetune(
+        model, tokenizer, args, batches, loss_fn, evaluate, len(encoded["train"]), meta
+    )
 
     merge_lora(model)  # generation runs at the base model's speed
     entries = test_set if args.limit_test is None else test_set[: args.limit_test]

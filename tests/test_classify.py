@@ -8,6 +8,7 @@ import zipfile
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from src.classify import (
     balance,
@@ -23,6 +24,7 @@ from src.classify import (
 from src.data import DataError
 from src.model import GPTConfig, GPTModel
 from src.tokenizer import BPETokenizer
+from src.training import find_checkpoint, save_checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -201,3 +203,36 @@ def test_lora_rank_must_be_positive_on_the_command_line(tmp_path, capsys):
     assert code == 2
     assert "--lora-rank must be a positive integer, got 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_last_block_from_a_base_checkpoint_leaves_the_lower_blocks_untouched(tmp_path):
+    rows = keyword_rows(60, seed=2)
+    data = write_csv(tmp_path / "d.csv", rows)
+    tokenizer = BPETokenizer.train(" ".join(t for t, _ in rows), vocab_size=280)
+    tokenizer.save(tmp_path / "tok.json")
+    base = GPTModel(GPTConfig.from_preset("cpu-tiny", vocab_size=tokenizer.n_vocab))
+    meta = {
+        "step": 0,
+        "config": base.cfg.to_dict(),
+        "tokenizer": {"ref": str(tmp_path / "tok.json")},
+    }
+    save_checkpoint(tmp_path / "base", base, torch.optim.AdamW(base.parameters()), tokenizer, meta)
+    out = tmp_path / "run"
+    code = main([
+        "--data", str(data), "--base-checkpoint", str(tmp_path / "base"), "--trainable", "last-block",
+        "--epochs", "1", "--lr", "1e-2", "--out-dir", str(out), "--quiet", "--device", "cpu",
+    ])  # fmt: skip
+    assert code == 0
+    before = base.state_dict()
+    after = load_file(find_checkpoint(out) / "model.safetensors")
+    for name in (
+        "tok_emb.weight",
+        "trf_blocks.0.att.W_query.weight",
+        "trf_blocks.0.ff.layers.0.weight",
+    ):
+        assert torch.equal(after[name], before[name]), name
+    assert not torch.equal(
+        after["trf_blocks.1.att.W_query.weight"], before["trf_blocks.1.att.W_query.weight"]
+    )
+    assert not torch.equal(after["final_norm.scale"], before["final_norm.scale"])
+    assert after["out_head.weight"].shape == (2, base.cfg.emb_dim)
