@@ -28,7 +28,9 @@ from src.training import (
     ConfigError,
     NonFiniteLossError,
     adamw,
+    autocast,
     check_finite,
+    grad_scaler,
     load_model,
     lr_at,
     progress_bar,
@@ -181,6 +183,7 @@ def check_training_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(f"--lora-rank must be a positive integer, got {args.lora_rank}")
     if not 0.0 <= args.drop_rate < 1.0:
         raise ConfigError(f"--drop-rate must be in [0, 1), got {args.drop_rate}")
+    autocast(resolve_device(args.device), args.dtype)  # refuses fp16 off CUDA now, not mid-run
 
 
 # --8<-- [end:run_command]
@@ -292,8 +295,8 @@ def finetune(
     ``batches("train", shuffle=True, generator=g)`` yields training batches, ``loss_fn(batch)``
     returns their mean loss, ``evaluate()`` a dict of numbers. Every evaluation is appended to
     ``out_dir/metrics.jsonl``; after each epoch the model, with any LoRA update merged in, is saved
-    as a checkpoint of ``src.training``, with the tokenizer and ``meta`` beside it. Returns the first and the
-    last evaluation.
+    as a checkpoint of ``src.training``, with the tokenizer and ``meta`` beside it. Returns the
+    first and the last evaluation.
     """
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -301,6 +304,7 @@ def finetune(
     log.write_text("")  # this run's metrics only
     print(describe_trainable(model), file=sys.stderr)
     optimizer = adamw(model, args.lr, args.weight_decay)
+    scaler = grad_scaler(model.tok_emb.weight.device, args.dtype)  # a no-op unless fp16
     steps_per_epoch = -(-n_train // args.batch_size)
     max_steps = args.epochs * steps_per_epoch
     min_lr = args.lr if args.min_lr is None else args.min_lr
@@ -331,10 +335,12 @@ def finetune(
                 loss = loss_fn(batch)
                 check_finite(loss, step)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if args.grad_clip > 0:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                     nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 step += 1
                 bar.update()
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")

@@ -183,6 +183,22 @@ def test_bad_split_and_missing_classifier_are_one_line_errors(tmp_path, capsys):
     assert "--split must be three fractions summing to 1" in capsys.readouterr().err
     assert main(["--predict", "hi", "--out-dir", str(tmp_path / "none"), "--device", "cpu"]) == 2
     assert "no classifier in" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "--data",
+                str(data),
+                "--dtype",
+                "fp16",
+                "--device",
+                "cpu",
+                "--out-dir",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert "fp16 needs a CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
