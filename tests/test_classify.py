@@ -24,7 +24,7 @@ from src.classify import (
 from src.data import DataError
 from src.model import GPTConfig, GPTModel
 from src.tokenizer import BPETokenizer
-from src.training import find_checkpoint, save_checkpoint
+from src.training import find_checkpoint, load_checkpoint_meta, save_checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -221,11 +221,11 @@ def test_lora_rank_must_be_positive_on_the_command_line(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_last_block_from_a_base_checkpoint_leaves_the_lower_blocks_untouched(tmp_path):
+def base_checkpoint(tmp_path):
+    """A small model saved as src.train saves one, and a CSV of keyword data."""
     rows = keyword_rows(60, seed=2)
     data = write_csv(tmp_path / "d.csv", rows)
     tokenizer = BPETokenizer.train(" ".join(t for t, _ in rows), vocab_size=280)
-    tokenizer.save(tmp_path / "tok.json")
     base = GPTModel(GPTConfig.from_preset("cpu-tiny", vocab_size=tokenizer.n_vocab))
     meta = {
         "step": 0,
@@ -233,6 +233,11 @@ def test_last_block_from_a_base_checkpoint_leaves_the_lower_blocks_untouched(tmp
         "tokenizer": {"ref": str(tmp_path / "tok.json")},
     }
     save_checkpoint(tmp_path / "base", base, torch.optim.AdamW(base.parameters()), tokenizer, meta)
+    return data, base
+
+
+def test_last_block_from_a_base_checkpoint_leaves_the_lower_blocks_untouched(tmp_path):
+    data, base = base_checkpoint(tmp_path)
     out = tmp_path / "run"
     code = main([
         "--data", str(data), "--base-checkpoint", str(tmp_path / "base"), "--trainable", "last-block",
@@ -252,3 +257,23 @@ def test_last_block_from_a_base_checkpoint_leaves_the_lower_blocks_untouched(tmp
     )
     assert not torch.equal(after["final_norm.scale"], before["final_norm.scale"])
     assert after["out_head.weight"].shape == (2, base.cfg.emb_dim)
+
+
+def test_lora_run_saves_a_plain_model_with_the_update_merged(tmp_path):
+    data, base = base_checkpoint(tmp_path)
+    out = tmp_path / "run"
+    code = main([
+        "--data", str(data), "--base-checkpoint", str(tmp_path / "base"), "--trainable", "lora",
+        "--lora-rank", "4", "--epochs", "1", "--lr", "1e-2", "--out-dir", str(out), "--quiet",
+        "--device", "cpu",
+    ])  # fmt: skip
+    assert code == 0
+    before = base.state_dict()
+    after = load_file(find_checkpoint(out) / "model.safetensors")
+    assert not [k for k in after if "lora" in k or ".base." in k]  # plain names only
+    # Frozen: embeddings and norms. Changed through merged LoRA updates: every block's Linear weights.
+    for name in ("tok_emb.weight", "trf_blocks.0.norm1.scale"):
+        assert torch.equal(after[name], before[name]), name
+    for name in ("trf_blocks.0.att.W_query.weight", "trf_blocks.1.ff.layers.2.weight"):
+        assert not torch.equal(after[name], before[name]), name
+    assert load_checkpoint_meta(find_checkpoint(out))["lora"]["rank"] == 4
