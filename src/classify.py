@@ -50,6 +50,7 @@ from src.finetune import (
     finetune,
     fit_to_context,
     load_base_model,
+    minibatches,
     run_command,
     set_trainable,
 )
@@ -383,17 +384,9 @@ def _run(args: argparse.Namespace) -> None:
         tokenizer.eot_token if tokenizer.eot_token is not None else 0
     )  # never read: see pooling
 
-    def batches(split: str, shuffle: bool, generator: torch.Generator | None = None):
-        examples = encoded[split]
-        order = (
-            torch.randperm(len(examples), generator=generator).tolist()
-            if shuffle
-            else list(range(len(examples)))
-        )
-        for i in range(0, len(order), args.batch_size):
-            ids, lengths, targets = collate(
-                [examples[j] for j in order[i : i + args.batch_size]], pad_id
-            )
+    def batches(split: str, generator: torch.Generator | None = None):
+        for group in minibatches(encoded[split], args.batch_size, generator):
+            ids, lengths, targets = collate(group, pad_id)
             yield ids.to(device), lengths.to(device), targets.to(device)
 
     def loss_fn(batch) -> torch.Tensor:
@@ -405,7 +398,7 @@ def _run(args: argparse.Namespace) -> None:
     def evaluate(final: bool = False) -> dict:
         result = {}
         for split in ("train", "val", "test") if final else ("train", "val"):
-            predicted, true = predict_batches(model, batches(split, shuffle=False))
+            predicted, true = predict_batches(model, batches(split))
             result[f"{split}_accuracy"] = (predicted == true).float().mean().item()
             if final:
                 result[f"{split}_confusion"] = confusion_matrix(predicted, true, len(labels))

@@ -280,6 +280,23 @@ def describe_trainable(model: nn.Module) -> str:
 
 
 # --8<-- [start:finetune]
+def minibatches(examples: list, batch_size: int, generator: torch.Generator | None = None):
+    """Consecutive groups of ``batch_size`` examples (the last may be smaller), in a random order
+    drawn from ``generator`` when one is given, else in order. Each command collates a group into
+    tensors its own way."""
+    order = (
+        torch.randperm(len(examples), generator=generator).tolist()
+        if generator is not None
+        else None
+    )
+    for i in range(0, len(examples), batch_size):
+        yield (
+            [examples[j] for j in order[i : i + batch_size]]
+            if order
+            else examples[i : i + batch_size]
+        )
+
+
 def finetune(
     model: GPTModel,
     tokenizer,
@@ -292,7 +309,7 @@ def finetune(
 ) -> dict:
     """Train for ``args.epochs`` epochs; evaluate before and after each; save after each.
 
-    ``batches("train", shuffle=True, generator=g)`` yields training batches, ``loss_fn(batch)``
+    ``batches("train", generator)`` yields training batches in a random order, ``loss_fn(batch)``
     returns their mean loss, ``evaluate()`` a dict of numbers. Every evaluation is appended to
     ``out_dir/metrics.jsonl``; after each epoch the model, with any LoRA update merged in, is saved
     as a checkpoint of ``src.training``, with the tokenizer and ``meta`` beside it. Returns the
@@ -328,7 +345,7 @@ def finetune(
     try:
         for epoch in range(1, args.epochs + 1):
             model.train()
-            for batch in batches("train", shuffle=True, generator=generator):
+            for batch in batches("train", generator):
                 lr = lr_at(step, args.lr, min_lr, args.warmup_steps, max_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr

@@ -41,6 +41,7 @@ from src.finetune import (
     finetune,
     fit_to_context,
     load_base_model,
+    minibatches,
     run_command,
     set_trainable,
 )
@@ -265,18 +266,9 @@ def _run(args: argparse.Namespace) -> None:
     device = model.tok_emb.weight.device
     pad_id = tokenizer.eot_token
 
-    def batches(split: str, shuffle: bool, generator: torch.Generator | None = None):
-        examples = encoded[split]
-        order = (
-            torch.randperm(len(examples), generator=generator).tolist()
-            if shuffle
-            else range(len(examples))
-        )
-        order = list(order)
-        for i in range(0, len(order), args.batch_size):
-            inputs, targets = collate(
-                [examples[j] for j in order[i : i + args.batch_size]], pad_id, args.mask_prompt
-            )
+    def batches(split: str, generator: torch.Generator | None = None):
+        for group in minibatches(encoded[split], args.batch_size, generator):
+            inputs, targets = collate(group, pad_id, args.mask_prompt)
             yield inputs.to(device), targets.to(device)
 
     def loss_fn(batch) -> torch.Tensor:
@@ -291,7 +283,7 @@ def _run(args: argparse.Namespace) -> None:
         result = {}
         for split in ("train", "val"):
             total, count = 0.0, 0
-            for inputs, targets in batches(split, shuffle=False):
+            for inputs, targets in batches(split):
                 n = (targets != IGNORE_INDEX).sum().item()
                 total += loss_fn((inputs, targets)).item() * n
                 count += n
