@@ -284,17 +284,11 @@ def minibatches(examples: list, batch_size: int, generator: torch.Generator | No
     """Consecutive groups of ``batch_size`` examples (the last may be smaller), in a random order
     drawn from ``generator`` when one is given, else in order. Each command collates a group into
     tensors its own way."""
-    order = (
-        torch.randperm(len(examples), generator=generator).tolist()
-        if generator is not None
-        else None
-    )
-    for i in range(0, len(examples), batch_size):
-        yield (
-            [examples[j] for j in order[i : i + batch_size]]
-            if order
-            else examples[i : i + batch_size]
-        )
+    order = list(range(len(examples)))
+    if generator is not None:
+        order = torch.randperm(len(examples), generator=generator).tolist()
+    for i in range(0, len(order), batch_size):
+        yield [examples[j] for j in order[i : i + batch_size]]
 
 
 def finetune(
