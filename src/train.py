@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--dropout", type=float, default=None, help="dropout rate (default: the preset's)")
     a(
+        "--init",
+        default="gpt2",
+        choices=["gpt2", "pytorch"],
+        help="initial weights: GPT-2's N(0, 0.02) scheme, or PyTorch's layer defaults "
+        "(N(0, 1) embeddings), as the book's chapter 5 experiment uses",
+    )
+    a(
         "--batch-size",
         type=int,
         default=8,
@@ -273,6 +280,16 @@ def build_config(args, vocab_size: int) -> GPTConfig:
     return GPTConfig.from_preset(args.preset, **overrides)
 
 
+def pytorch_default_init(model: GPTModel) -> None:
+    """Re-draw every linear and embedding layer with PyTorch's own defaults: Kaiming-uniform
+    linears (std about 1 / sqrt(3 fan_in)) and N(0, 1) embeddings, fifty times GPT-2's 0.02.
+    Large embeddings dominate the residual stream at first, which makes a small corpus quick
+    to memorise."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            module.reset_parameters()
+
+
 def check_resumable(meta: dict, cfg: GPTConfig, tokenizer_fp: str, ckpt: Path) -> None:
     """A checkpoint continues only the same model on the same tokenizer."""
     saved = dict(meta["config"], attn_impl=cfg.attn_impl)  # the attention path may change
@@ -339,6 +356,37 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# --8<-- [start:step]
+def train_step(model, optimizer, scaler, micro_batches, amp, grad_clip, step, device):
+    """One optimizer step: accumulate gradients over this process's micro-batches, average them
+    across processes (DDP), check the loss, clip, update. Returns (mean loss, gradient norm)."""
+    distributed = isinstance(model, DistributedDataParallel)
+    loss_sum = torch.zeros((), device=device)
+    for i, (x, y) in enumerate(micro_batches):
+        # DDP all-reduces gradients during the last micro-batch's backward only.
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last or not distributed else model.no_sync():
+            with amp:
+                loss = cross_entropy(model(x.to(device)), y.to(device))
+            scaler.scale(loss / len(micro_batches)).backward()  # the mean over micro-batches
+        loss_sum += loss.detach()
+    loss = loss_sum / len(micro_batches)
+    if distributed:
+        dist.all_reduce(loss)  # summed over processes (gloo has no average)
+        loss /= dist.get_world_size()  # the logged loss of the global batch
+    check_finite(loss, step)  # before the update, so the weights stay good
+    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), grad_norm.item()
+
+
+# --8<-- [end:step]
+
+
 # --8<-- [start:train]
 def train(args) -> dict:
     """The whole run; returns the last metrics row."""
@@ -380,7 +428,10 @@ def train(args) -> dict:
 
     # --- model and optimizer: the same initial weights on every process ---
     torch.manual_seed(args.seed)
-    model = GPTModel(cfg).to(device)
+    model = GPTModel(cfg)
+    if args.init == "pytorch":
+        pytorch_default_init(model)
+    model = model.to(device)
     optimizer = adamw(model, args.lr, args.weight_decay)
     scaler = grad_scaler(device, args.dtype)
     step = 0
@@ -484,30 +535,13 @@ def train(args) -> dict:
             mine = batch[
                 rank * micro_batch * args.grad_accum : (rank + 1) * micro_batch * args.grad_accum
             ]
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(args.grad_accum):
-                which = mine[micro * micro_batch : (micro + 1) * micro_batch]
-                x, y = (t.to(device) for t in stack(train_set, which))
-                # DDP averages gradients across processes on the last micro-batch's backward only.
-                last = micro == args.grad_accum - 1
-                sync = contextlib.nullcontext() if last or not distributed else model.no_sync()
-                with sync:
-                    with amp:
-                        loss = cross_entropy(model(x), y)
-                    scaler.scale(loss / args.grad_accum).backward()
-                loss_sum += loss.detach()
-            loss = loss_sum / args.grad_accum
-            if distributed:
-                dist.all_reduce(loss)
-                loss /= world_size
-            check_finite(loss, step + 1)  # before the update: the weights stay good
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                raw_model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf
+            micro_batches = [
+                stack(train_set, mine[i * micro_batch : (i + 1) * micro_batch])
+                for i in range(args.grad_accum)
+            ]
+            loss, grad_norm = train_step(
+                model, optimizer, scaler, micro_batches, amp, args.grad_clip, step + 1, device
             )
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
 
             if device.type == "cuda":
@@ -519,7 +553,7 @@ def train(args) -> dict:
             if main_process:
                 row = {
                     "step": step, "epoch": step / (n_train // args.batch_size),
-                    "train_loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                    "train_loss": loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_sec": tokens_per_sec,
                 }  # fmt: skip
                 if step % args.eval_interval == 0 or step == max_steps:

@@ -221,20 +221,30 @@ def _interrupt(out: Path, args: list[str], env: dict, sig: int, after_step: int)
     proc.wait(timeout=120)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
-def test_resume_reproduces_uninterrupted_losses(tmp_path, corpus, env, sig):
+def resume_args(corpus: Path) -> list[str]:
     # Dropout on, so the resumed run must also restore the random-number state.
-    args = [*TINY, "--data", str(corpus), "--dropout", "0.1", "--max-steps", "16",
+    return [*TINY, "--data", str(corpus), "--dropout", "0.1", "--max-steps", "24",
             "--eval-interval", "4"]  # fmt: skip
-    full, split = tmp_path / "full", tmp_path / "split"
-    assert run_cli([*args, "--out-dir", str(full)], env).returncode == 0
-    _interrupt(split, [*args, "--out-dir", str(split)], env, sig, after_step=5)
-    stopped_at = json.loads((find_checkpoint(split) / "checkpoint.json").read_text())["step"]
-    assert 4 <= stopped_at < 16  # it really was interrupted mid-run
-    res = run_cli([*args, "--out-dir", str(split), "--resume"], env)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, corpus, env) -> dict[int, float]:
+    out = tmp_path_factory.mktemp("full")
+    assert run_cli([*resume_args(corpus), "--out-dir", str(out)], env).returncode == 0
+    return losses_by_step(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_resume_reproduces_uninterrupted_losses(tmp_path, corpus, env, uninterrupted, sig):
+    args = [*resume_args(corpus), "--out-dir", str(tmp_path)]
+    _interrupt(tmp_path, args, env, sig, after_step=5)
+    stopped_at = json.loads((find_checkpoint(tmp_path) / "checkpoint.json").read_text())["step"]
+    assert 4 <= stopped_at < 24  # it really was interrupted mid-run
+    res = run_cli([*args, "--resume"], env)
     assert res.returncode == 0, res.stderr
-    assert losses_by_step(split) == losses_by_step(full)  # exactly, step by step
-    assert [r["step"] for r in metrics(split)] == list(range(17))
+    assert f"resuming at step {stopped_at}" in res.stderr
+    assert losses_by_step(tmp_path) == uninterrupted  # exactly, step by step
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(25))
 
 
 def test_eager_and_fused_training_losses_match(tmp_path, corpus, env):
