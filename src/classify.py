@@ -270,10 +270,12 @@ def load_classifier(out_dir: str | Path, device: torch.device):
 
 @torch.no_grad()
 def classify_text(
-    model: GPTModel, tokenizer, labels: Sequence[str], text: str
+    model: GPTModel, tokenizer, labels: Sequence[str], text: str, too_long: str
 ) -> tuple[str, float]:
-    """The most likely label of ``text`` and its probability (the text's end is kept if it is long)."""
-    ids = tokenizer.encode(text)[-model.cfg.context_length :] or [tokenizer.eot_token]
+    """The most likely label of ``text`` and its probability. A text longer than the context is
+    handled as in training (``too_long``: an error, or cut with a warning)."""
+    ids = tokenizer.encode(text) or [tokenizer.eot_token]
+    ids = fit_to_context(ids, model.cfg.context_length, too_long, "the --predict text")
     logits = model(torch.tensor([ids], device=model.tok_emb.weight.device))[0, -1]  # (C,)
     probs = torch.softmax(logits.float(), dim=-1)
     best = int(probs.argmax())
@@ -332,7 +334,7 @@ def _run(args: argparse.Namespace) -> None:
             raise ConfigError("--predict needs --out-dir: the folder a classifier was saved to")
         model, tokenizer, labels = load_classifier(args.out_dir, resolve_device(args.device))
         for text in args.predict:
-            label, prob = classify_text(model, tokenizer, labels, text)
+            label, prob = classify_text(model, tokenizer, labels, text, args.too_long)
             print(f"{label}\t{prob:.3f}\t{text}")
         return
     check_training_arguments(args)
