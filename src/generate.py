@@ -16,9 +16,10 @@ Feeding the whole sequence back in for every new token repeats work: the keys an
 earlier tokens do not change. The *KV cache* keeps them, so after the prompt each step runs the
 model on one token. Greedy decoding gives the same tokens with and without it.
 
-Run it on a trained checkpoint::
+Run it on a trained checkpoint, or on OpenAI's GPT-2 weights::
 
     uv run python -m src.generate --checkpoint runs/default --prompt "Once upon a time"
+    uv run python -m src.generate --pretrained gpt2 --prompt "Once upon a time"
 """
 
 import argparse
@@ -29,6 +30,7 @@ from collections.abc import Iterator
 import torch
 
 from src.attention import KVCache
+from src.gpt2 import GPT2_REPOS, load_pretrained
 
 
 # --8<-- [start:sample]
@@ -136,10 +138,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Continue a prompt with a trained checkpoint, printing tokens as they come.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--checkpoint",
-        required=True,
         help="a run folder (its latest checkpoint is used) or a checkpoint folder",
+    )
+    source.add_argument(
+        "--pretrained",
+        choices=list(GPT2_REPOS),
+        help="OpenAI's GPT-2 weights of this size, downloaded once and cached",
+    )
+    source.add_argument(
+        "--weights",
+        help="a local GPT-2 .safetensors file, or a folder with model.safetensors and config.json",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default="gpt2",
+        help="tokenizer for --pretrained/--weights: 'gpt2' or a folder with GPT-2's encoder.json "
+        "and vocab.bpe",
     )
     p.add_argument("--prompt", default="", help="text to continue ('' starts from end-of-text)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
@@ -167,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from src.tokenizer import get_tokenizer
     from src.training import ConfigError, load_model, resolve_device
 
     args = build_parser().parse_args(argv)
@@ -178,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
             raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
         device = resolve_device(args.device)
-        model, tokenizer, _ = load_model(args.checkpoint, device)
-    except (ConfigError, FileNotFoundError) as e:
+        if args.checkpoint:
+            model, tokenizer, _ = load_model(args.checkpoint, device)
+        else:
+            model = load_pretrained(args.pretrained or args.weights, drop_rate=0.0).to(device)
+            tokenizer = get_tokenizer(args.tokenizer)
+    except (FileNotFoundError, ValueError) as e:  # ConfigError and TokenizerNotFound included
         print(f"error: {e}", file=sys.stderr)
         return 2
     ids = tokenizer.encode(args.prompt, allowed_special="all") or [tokenizer.eot_token]

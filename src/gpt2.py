@@ -11,11 +11,21 @@ and layouts are translated. Two layout differences matter:
 The state dict can come from Hugging Face's ``GPT2LMHeadModel`` (keys start with ``transformer.``,
 plus ``lm_head.weight``) or ``GPT2Model`` (no prefix, no head; GPT-2 ties the head to the token
 embedding, so the embedding serves as the head).
+
+``load_pretrained("gpt2")`` downloads OpenAI's published weights once (small, medium, large or xl,
+from the ``openai-community`` repositories on the Hugging Face Hub, safetensors only, so loading
+never runs code from the file) into the Hugging Face cache, and returns our model carrying them.
+It also accepts a local safetensors file, or a folder holding ``model.safetensors`` and
+``config.json`` as ``save_pretrained`` writes them.
 """
 
+import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from safetensors.torch import load_file
 
 from src.model import GPTConfig, GPTModel
 
@@ -131,3 +141,100 @@ def load_gpt2_state_dict(model: GPTModel, state_dict: Mapping[str, torch.Tensor]
 
 
 # --8<-- [end:load]
+
+
+# --8<-- [start:download]
+GPT2_REPOS = {
+    "gpt2": "openai-community/gpt2",  # 124M
+    "gpt2-medium": "openai-community/gpt2-medium",  # 355M
+    "gpt2-large": "openai-community/gpt2-large",  # 774M
+    "gpt2-xl": "openai-community/gpt2-xl",  # 1558M
+}
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+
+class WeightsNotFound(FileNotFoundError):
+    """Pretrained weights that can be neither found locally nor downloaded."""
+
+
+def download_gpt2(name: str, cache_dir: Path | None = None) -> Path:
+    """The folder holding ``config.json`` and ``model.safetensors`` of OpenAI's GPT-2 ``name``.
+
+    The first call downloads them into the Hugging Face cache (``~/.cache/huggingface``, or
+    ``cache_dir``); later calls find them there.
+    """
+    from huggingface_hub import hf_hub_download  # needed only for downloads
+
+    if name not in GPT2_REPOS:
+        raise ValueError(f"unknown GPT-2 model {name!r}; choose one of {', '.join(GPT2_REPOS)}")
+    repo = GPT2_REPOS[name]
+    try:
+        paths = [hf_hub_download(repo, f, cache_dir=cache_dir) for f in (CONFIG_FILE, WEIGHTS_FILE)]
+    except Exception as err:  # no network, a proxy refusing, a hub error: all end the same way
+        raise WeightsNotFound(
+            f"could not download {name} from https://huggingface.co/{repo} and it is not cached "
+            f"({type(err).__name__}); connect to the internet once so it is cached, or download "
+            f"{CONFIG_FILE} and {WEIGHTS_FILE} from that page into a folder and pass it with --weights"
+        ) from None
+    return Path(paths[1]).parent
+
+
+# --8<-- [end:download]
+
+
+# --8<-- [start:load_pretrained]
+def load_pretrained(name_or_path: str | Path, **overrides) -> GPTModel:
+    """Our ``GPTModel`` carrying GPT-2 weights, in eval mode.
+
+    ``name_or_path``: a name from ``GPT2_REPOS`` (downloaded and cached), a folder with
+    ``model.safetensors`` and ``config.json``, or a ``.safetensors`` file. A file with no
+    ``config.json`` beside it gets its config from the tensor shapes (heads of size 64, as in all
+    four GPT-2 sizes). ``overrides`` change config fields, e.g. ``drop_rate=0.0``.
+    """
+    if str(name_or_path) in GPT2_REPOS:
+        folder = download_gpt2(str(name_or_path))
+        weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+    else:
+        path = Path(name_or_path)
+        if path.is_dir():
+            weights, config = path / WEIGHTS_FILE, path / CONFIG_FILE
+        elif path.is_file():
+            weights, config = path, path.with_name(CONFIG_FILE)
+        else:
+            raise WeightsNotFound(
+                f"{path}: no such file or folder; expected one of {', '.join(GPT2_REPOS)}, "
+                f"a .safetensors file, or a folder holding {WEIGHTS_FILE} and {CONFIG_FILE}"
+            )
+        if not weights.is_file():
+            raise WeightsNotFound(f"{path} holds no {WEIGHTS_FILE}")
+    state = load_file(weights)
+    hf_config = _read_config(config) if config.is_file() else _config_from_shapes(state)
+    model = GPTModel(config_from_hf(hf_config, **overrides))
+    return load_gpt2_state_dict(model, state).eval()
+
+
+# GPT2Config's defaults for the fields config_from_hf reads, where a config.json leaves them out.
+_HF_DEFAULTS = dict(n_inner=None, activation_function="gelu_new", resid_pdrop=0.1)
+
+
+def _read_config(path: Path) -> SimpleNamespace:
+    return SimpleNamespace(**(_HF_DEFAULTS | json.loads(path.read_text())))
+
+
+def _config_from_shapes(state: Mapping[str, torch.Tensor]) -> SimpleNamespace:
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    if "wte.weight" not in state or "wpe.weight" not in state:
+        raise ValueError("this safetensors file has no wte/wpe embeddings: not a GPT-2 checkpoint")
+    vocab_size, n_embd = state["wte.weight"].shape
+    n_layer = len({k.split(".")[1] for k in state if k.startswith("h.")})
+    return SimpleNamespace(
+        **_HF_DEFAULTS,
+        vocab_size=vocab_size,
+        n_positions=state["wpe.weight"].shape[0],
+        n_embd=n_embd,
+        n_head=n_embd // 64,
+        n_layer=n_layer,
+    )
+
+
+# --8<-- [end:load_pretrained]
