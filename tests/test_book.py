@@ -14,11 +14,12 @@ import functools
 import http.server
 import re
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, build_book
 
 SNIPPET = re.compile(r'--8<--\s+"([^":]+)(?::([\w-]+))?"')
@@ -114,7 +115,9 @@ SCREENSHOTS = REPO / ".cache" / "book-screenshots"
 @pytest.fixture(scope="module")
 def served_book(tmp_path_factory):
     if CHROMIUM is None:
-        pytest.skip("headless Chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
+        pytest.skip(
+            "headless Chromium is not installed (Debian package 'chromium'; .ci/run installs it)"
+        )
     site = tmp_path_factory.mktemp("book") / "site"
     result = build_book(REPO, site)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -174,7 +177,9 @@ def test_every_page_renders_offline_in_chromium(served_book):
                 if raw in text:
                     problems.append(f"{url}: raw TeX {raw!r} left in the page")
             if state["math"] != state["mathTotal"]:
-                problems.append(f"{url}: {state['mathTotal'] - state['math']} formulas did not render")
+                problems.append(
+                    f"{url}: {state['mathTotal'] - state['math']} formulas did not render"
+                )
             if state["brokenImages"]:
                 problems.append(f"{url}: figures did not load: {state['brokenImages']}")
             if state["rawDiagrams"]:
@@ -183,3 +188,17 @@ def test_every_page_renders_offline_in_chromium(served_book):
             problems += [f"{url}: console error: {e}" for e in errors]
         browser.close()
     assert not problems, "\n".join(problems)
+
+
+def test_committed_diagrams_are_what_the_script_draws(tmp_path):
+    # A diagram edited in the script but not regenerated would silently disagree with the book.
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "figures.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    drawn = sorted(p.name for p in tmp_path.glob("*.svg"))
+    committed = REPO / "docs" / "assets" / "diagrams"
+    assert drawn == sorted(p.name for p in committed.glob("*.svg"))
+    for name in drawn:
+        assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
