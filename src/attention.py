@@ -14,6 +14,8 @@ The middle step, scale + causal mask + softmax, can be computed three ways, chos
 
 - ``"eager"``: the plain PyTorch reference, written out step by step. It materialises the
   ``(B, H, T, T)`` score matrix several times, which makes it memory-bound.
+- ``"fused"``: our own kernel (``src/fused_softmax.py``), one pass per row over the causal prefix;
+  if it cannot be built, a warning says why and the plain path runs instead.
 - ``"sdpa"``: PyTorch's ``scaled_dot_product_attention``, which picks a fused kernel when it can.
 """
 
@@ -23,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTN_IMPLS = ("eager", "sdpa")
+from src import fused_softmax
+
+ATTN_IMPLS = ("eager", "fused", "sdpa")
 
 
 # --8<-- [start:mha]
@@ -60,13 +64,18 @@ class MultiHeadAttention(nn.Module):
         mask = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
         self.register_buffer("mask", mask, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: "KVCache | None" = None) -> torch.Tensor:
         B, T, _ = x.shape  # (B, T, d_in)
         # Project, then split the last dimension into heads and move heads before time.
         q = self.W_query(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.W_key(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         v = self.W_value(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        context = self.attend(q, k, v)  # (B, H, T, hd)
+        if kv_cache is None:
+            context = self.attend(q, k, v)  # (B, H, T, hd)
+        else:
+            start = kv_cache.length  # tokens already in the cache come before these T
+            k, v = kv_cache.append(k, v)  # (B, H, start + T, hd)
+            context = attend_cached(q, k, v, self.mask[start : start + T, : start + T])
         # Put the heads side by side again and mix them.
         context = context.transpose(1, 2).reshape(B, T, self.d_out)  # (B, T, d_out)
         return self.out_proj(context)
@@ -79,12 +88,55 @@ class MultiHeadAttention(nn.Module):
         T = q.shape[-2]
         scale = 1.0 / math.sqrt(self.head_dim)
         scores = q @ k.transpose(-2, -1)  # (B, H, T, T)
-        weights = causal_softmax(scores, scale, self.mask[:T, :T])  # (B, H, T, T)
+        if self.attn_impl == "fused" and fused_softmax.is_available():
+            weights = fused_softmax.fused_causal_softmax(scores, scale)  # (B, H, T, T)
+        else:
+            weights = causal_softmax(scores, scale, self.mask[:T, :T])  # (B, H, T, T)
         weights = self.dropout(weights)
         return weights @ v  # (B, H, T, hd)
 
 
 # --8<-- [end:mha]
+
+
+# --8<-- [start:kv_cache]
+class KVCache:
+    """The keys and values one attention layer has computed so far during generation.
+
+    A token's key and value depend only on the tokens up to it, so they never change once computed.
+    Keeping them lets each new token cost one row of attention instead of re-running the prefix.
+    """
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None  # (B, H, length, hd)
+        self.v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new positions' keys and values; return all of them."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+def attend_cached(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Attention of ``T`` new queries over ``start + T`` cached keys, in inference mode.
+
+    ``mask`` is the causal mask's rows ``start..start+T-1``: query ``i`` sits at position
+    ``start + i`` and sees every key up to it. The core is the plain reference, so cached decoding
+    computes exactly what the eager path computes.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    weights = causal_softmax(q @ k.transpose(-2, -1), scale, mask)  # (B, H, T, start + T)
+    return weights @ v  # (B, H, T, hd)
+
+
+# --8<-- [end:kv_cache]
 
 
 # --8<-- [start:causal_softmax]

@@ -8,14 +8,104 @@ is picked decides the character of the text:
 - temperature: divide the logits by ``temperature`` before the softmax; below 1 sharpens the
   distribution, above 1 flattens it;
 - top-k: sample only among the ``k`` most likely tokens, so the long tail of unlikely tokens can
-  never be drawn.
+  never be drawn;
+- top-p (nucleus): sample only among the most likely tokens whose probabilities add up to ``p``;
+  the candidate set is small where the model is sure and wide where it is not.
+
+Feeding the whole sequence back in for every new token repeats work: the keys and values of the
+earlier tokens do not change. The *KV cache* keeps them, so after the prompt each step runs the
+model on one token. Greedy decoding gives the same tokens with and without it.
+
+Run it on a trained checkpoint::
+
+    uv run python -m src.generate --checkpoint runs/default --prompt "Once upon a time"
 """
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
 
 import torch
 
+from src.attention import KVCache
+
+
+# --8<-- [start:sample]
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row from next-token logits (B, vocab_size); returns (B, 1)."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)  # greedy
+    logits = logits / temperature
+    if top_k is not None:
+        kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the more likely ones before it already reach top_p; the most
+        # likely token always stays.
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # original order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+# --8<-- [end:sample]
+
+
+# --8<-- [start:stream]
+@torch.no_grad()
+def stream(
+    model: torch.nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    context_length: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B, 1), as soon as it is chosen.
+
+    Stops early once every row has produced ``eos_id`` (rows that finished earlier keep
+    receiving ``eos_id``). With ``use_cache`` the prompt runs once to fill a ``KVCache`` per
+    block and every later step feeds only the newest token. Once the sequence outgrows
+    ``context_length`` the window slides, the positions of every token change, and the cache is
+    rebuilt from the window at each step: exactly what the uncached path computes.
+    """
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    cache = None
+    for _ in range(max_new_tokens):
+        if cache is not None and idx.shape[1] <= context_length:
+            logits = model(idx[:, -1:], kv_cache=cache)  # only the newest token
+        else:
+            cache = [KVCache() for _ in model.trf_blocks] if use_cache else None
+            logits = model(idx[:, -context_length:], kv_cache=cache)
+        idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+        if eos_id is not None:
+            idx_next = idx_next.masked_fill(finished[:, None], eos_id)
+            finished |= idx_next[:, 0] == eos_id
+        idx = torch.cat([idx, idx_next], dim=1)  # (B, T + 1)
+        yield idx_next
+        if eos_id is not None and finished.all():
+            return
+
+
+# --8<-- [end:stream]
+
 
 # --8<-- [start:generate]
-@torch.no_grad()
 def generate(
     model: torch.nn.Module,
     idx: torch.Tensor,
@@ -23,29 +113,103 @@ def generate(
     context_length: int,
     temperature: float = 0.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    use_cache: bool = True,
 ) -> torch.Tensor:
-    """Extend ``idx`` (B, T) by up to ``max_new_tokens`` tokens; stop early once every row has
-    produced ``eos_id`` (rows that finished earlier keep receiving ``eos_id``)."""
-    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
-        logits = model(idx[:, -context_length:])[:, -1, :]  # (B, vocab_size), last position only
-        if top_k is not None:
-            kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
-            logits = logits.masked_fill(logits < kth_best, float("-inf"))
-        if temperature > 0.0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-        else:
-            idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-        if eos_id is not None:
-            idx_next = idx_next.masked_fill(finished[:, None], eos_id)
-            finished |= idx_next[:, 0] == eos_id
-        idx = torch.cat([idx, idx_next], dim=1)  # (B, T + 1)
-        if eos_id is not None and finished.all():
-            break
-    return idx
+    """Extend ``idx`` (B, T) by up to ``max_new_tokens`` tokens; returns (B, T + new)."""
+    new = stream(
+        model, idx, max_new_tokens, context_length,
+        temperature, top_k, top_p, eos_id, generator, use_cache,
+    )  # fmt: skip
+    return torch.cat([idx, *new], dim=1)
 
 
 # --8<-- [end:generate]
+
+
+# --8<-- [start:cli]
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m src.generate",
+        description="Continue a prompt with a trained checkpoint, printing tokens as they come.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run folder (its latest checkpoint is used) or a checkpoint folder",
+    )
+    p.add_argument("--prompt", default="", help="text to continue ('' starts from end-of-text)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        help="0 is greedy; below 1 sharpens, above 1 flattens the distribution",
+    )
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="sample among the most likely tokens whose probabilities sum to p",
+    )
+    p.add_argument(
+        "--no-kv-cache",
+        action="store_true",
+        help="recompute the whole sequence for every token (to compare speed)",
+    )
+    p.add_argument("--seed", type=int, default=123, help="seed of the sampling generator")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    return p  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    from src.training import ConfigError, load_model, resolve_device
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.temperature < 0:
+            raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+        if args.top_k is not None and args.top_k < 1:
+            raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+        if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+            raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+        device = resolve_device(args.device)
+        model, tokenizer, _ = load_model(args.checkpoint, device)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ids = tokenizer.encode(args.prompt, allowed_special="all") or [tokenizer.eot_token]
+    context_length = model.cfg.context_length
+    idx = torch.tensor([ids[-context_length:]], device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    print(args.prompt, end="", flush=True)
+    start, n, pending = time.perf_counter(), 0, []
+    for token in stream(
+        model, idx, args.max_new_tokens, context_length, args.temperature, args.top_k,
+        args.top_p, tokenizer.eot_token, generator, use_cache=not args.no_kv_cache,
+    ):  # fmt: skip
+        n += 1
+        if token.item() == tokenizer.eot_token:
+            break
+        # A multi-byte character can span tokens: print once the bytes decode cleanly.
+        pending.append(token.item())
+        text = tokenizer.decode(pending)
+        if "\ufffd" not in text:
+            print(text, end="", flush=True)
+            pending = []
+    seconds = time.perf_counter() - start
+    cache = "off" if args.no_kv_cache else "on"
+    print(f"\n\n[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s, KV cache {cache}]",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
+# --8<-- [end:cli]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

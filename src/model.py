@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from src.attention import ATTN_IMPLS, MultiHeadAttention
+from src.attention import ATTN_IMPLS, KVCache, MultiHeadAttention
 
 
 # --8<-- [start:config]
@@ -145,8 +145,9 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, emb_dim) -> (B, T, emb_dim)
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        # (B, T, emb_dim) -> (B, T, emb_dim)
+        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 
@@ -172,16 +173,20 @@ class GPTModel(nn.Module):
             # One matrix both reads tokens in and scores tokens out: saves vocab_size x emb_dim.
             self.out_head.weight = self.tok_emb.weight
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, kv_cache: list[KVCache] | None = None) -> torch.Tensor:
+        """With ``kv_cache`` (one ``KVCache`` per block), ``idx`` continues the tokens already
+        cached: its positions count on from the cache's length."""
         B, T = idx.shape
-        if T > self.cfg.context_length:
+        start = 0 if kv_cache is None else kv_cache[0].length
+        if start + T > self.cfg.context_length:
             raise ValueError(
-                f"sequence length {T} exceeds context_length {self.cfg.context_length}"
+                f"sequence length {start + T} exceeds context_length {self.cfg.context_length}"
             )
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, emb_dim)
         x = self.drop_emb(x)
-        x = self.trf_blocks(x)  # (B, T, emb_dim)
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, None if kv_cache is None else kv_cache[i])  # (B, T, emb_dim)
         x = self.final_norm(x)
         return self.out_head(x)  # (B, T, vocab_size)
 
