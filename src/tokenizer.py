@@ -30,12 +30,14 @@ from pathlib import Path
 from typing import Literal
 
 import regex
+import tiktoken
 
 # --8<-- [start:pattern]
 # GPT-2's split pattern as tiktoken writes it: contractions, letters, digits, other symbols, each
-# with at most one leading space; then whitespace. `\s+(?!\S)` leaves the last space of a run for the
-# word that follows, so " dog" keeps its space. Possessive `++` never backtracks, which is both faster
-# and what tiktoken's Rust engine does. Python's `re` lacks `\p{L}`/`\p{N}`; the `regex` package has them.
+# with at most one leading space; then whitespace: `\s++$` takes it all at the end of the text,
+# `\s+(?!\S)` leaves the last space of a run to the word that follows (" dog" keeps its space).
+# A possessive `++` never gives characters back, which spares the engine useless backtracking.
+# Python's `re` lacks `\p{L}`/`\p{N}`; the `regex` package has them.
 GPT2_PATTERN = (
     r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 )
@@ -58,6 +60,7 @@ def _gpt2_byte_order() -> list[int]:
 
 
 BYTE_ORDER = _gpt2_byte_order()
+# The first 188 bytes in this order are the printable ones.
 BYTE_TO_CHAR = {b: chr(b) if i < 188 else chr(256 + i - 188) for i, b in enumerate(BYTE_ORDER)}
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
@@ -161,7 +164,7 @@ class BPETokenizer:
                 continue  # stale
             token = vocab[pair[0]] + vocab[pair[1]]
             new_id = ranks.get(token)
-            if new_id is None:  # rarely, a pair spells a token already learned from another split
+            if new_id is None:  # (a pair could spell a token learned from another split: reuse it)
                 new_id = ranks[token] = len(vocab)
                 vocab.append(token)
             changed = set()
@@ -207,7 +210,8 @@ class BPETokenizer:
         # Lone surrogates cannot be UTF-8 encoded; like tiktoken, replace them with U+FFFD.
         text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         ids = []
-        for i, chunk in enumerate(_split_specials(text, allowed_special)):
+        allowed = set(allowed_special) & set(self.special_tokens)
+        for i, chunk in enumerate(_split_specials(text, allowed)):
             if i % 2:
                 ids.append(self.special_tokens[chunk])
             else:
@@ -269,8 +273,8 @@ class BPETokenizer:
             raise ValueError(f"cannot read a tokenizer from {path}: {err}") from None
         if not isinstance(model, dict) or model.get("format") != "byte-level-bpe":
             raise ValueError(f"{path} is not a tokenizer saved by BPETokenizer.save")
-        ranks = {printable_to_bytes(t): r for r, t in enumerate(model["tokens"])}
-        return cls(ranks, model["special_tokens"], model["pattern"])
+        ranks = {printable_to_bytes(t): r for r, t in enumerate(model.get("tokens", []))}
+        return cls(ranks, model.get("special_tokens"), model.get("pattern", GPT2_PATTERN))
     # --8<-- [end:save]
 
     # --8<-- [start:gpt2_files]
@@ -282,6 +286,8 @@ class BPETokenizer:
         encoder = json.loads(Path(encoder_json).read_text("utf-8"))
         lines = Path(vocab_bpe).read_text("utf-8").splitlines()
         merges = [line.split(" ") for line in lines[1:] if line]  # line 0 is "#version: ..."
+        if any(len(m) != 2 for m in merges):
+            raise ValueError(f"{vocab_bpe}: every line after the first must be two tokens")
         ranks: dict[bytes, int] = {}
         for s in [BYTE_TO_CHAR[b] for b in BYTE_ORDER] + [a + b for a, b in merges]:
             if s not in encoder:
@@ -342,8 +348,6 @@ class TokenizerNotFound(ValueError):
 def get_tokenizer(spec: str):
     """``"gpt2"``: tiktoken's GPT-2 encoding; a directory with ``encoder.json`` and ``vocab.bpe``:
     our BPE from GPT-2's files; a file: our BPE saved with ``save``."""
-    import tiktoken  # only needed here, for the reference encoding
-
     if spec == "gpt2":
         try:
             return tiktoken.get_encoding("gpt2")
