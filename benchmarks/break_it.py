@@ -12,6 +12,8 @@ Models are tiny and runs short: the point is the contrast between the two column
 
 import argparse
 import math
+import re
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +22,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.data import default_cache_dir, get_batch, load_corpus, split_tokens, tokenize_cached
-from src.data import train_tokenizer_cached
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+from src.data import (
+    default_cache_dir,
+    get_batch,
+    load_corpus,
+    split_tokens,
+    tokenize_cached,
+    train_tokenizer_cached,
+)
 from src.model import GPTConfig, GPTModel
 from src.tokenizer import BPETokenizer
 from src.training import adamw, cross_entropy
@@ -106,7 +115,9 @@ def no_causal_mask() -> str:
         for block in model.trf_blocks:  # generation only ever has the past: restore the mask
             block.att.mask.copy_(torch.ones_like(block.att.mask).triu(1))
         rows.append([label, fmt(np.mean(losses[-20:])), fmt(evaluate(model, val_tokens))])
-    return table(["", "train loss (as trained)", "validation loss (causal, as in generation)"], rows)
+    return table(
+        ["", "train loss (as trained)", "validation loss (causal, as in generation)"], rows
+    )
 
 
 def no_scale() -> str:
@@ -172,17 +183,20 @@ def no_pretokenizer() -> str:
     rows = []
     for label, pattern in (("GPT-2 split pattern", None), ("no split (whole lines)", r"[^\n]+|\n")):
         kwargs = {} if pattern is None else {"pattern": pattern}
-        start = time.perf_counter()
         tokenizer = BPETokenizer.train(text, 2048, **kwargs)
-        seconds = time.perf_counter() - start
-        longest = sorted(tokenizer.mergeable_ranks, key=len, reverse=True)[:4]
-        shown = ", ".join(repr(t.decode("utf-8", "replace")) for t in longest)
-        spanning = sum(1 for t in tokenizer.mergeable_ranks if b" " in t.strip(b" "))
-        rows.append([label, f"{len(text.encode()) / len(tokenizer.encode(text)):.2f}",
-                     str(spanning), f"{seconds:.1f}", f"`{shown}`"])
-    return table(
-        ["", "bytes per token", "tokens spanning words", "train s", "longest tokens"], rows
-    )
+        by_rank = sorted(tokenizer.mergeable_ranks, key=tokenizer.mergeable_ranks.get)
+        # A token that holds a space between two visible characters spans a word boundary.
+        spanning = [t for t in by_rank if re.search(rb"\S \S", t)]
+        shown = ", ".join(repr(t.decode("utf-8", "replace")) for t in spanning[:5]) or "none"
+        rows.append(
+            [
+                label,
+                f"{len(text.encode()) / len(tokenizer.encode(text)):.2f}",
+                str(len(spanning)),
+                shown,
+            ]
+        )
+    return table(["", "bytes per token", "tokens spanning words", "first learned of them"], rows)
 
 
 def unshifted_targets() -> str:
@@ -211,8 +225,13 @@ def learning_rate() -> str:
         model = GPTModel(cfg)
         losses = train(model, train_tokens, steps=300, lr=lr, warmup=warmup)
         rows.append(
-            [f"{lr:g}", str(warmup), fmt(max(losses[:50])), fmt(np.mean(losses[-20:])),
-             fmt(evaluate(model, val_tokens))]
+            [
+                f"{lr:g}",
+                str(warmup),
+                fmt(max(losses[:50])),
+                fmt(np.mean(losses[-20:])),
+                fmt(evaluate(model, val_tokens)),
+            ]
         )
     return table(
         ["lr", "warmup steps", "worst loss, first 50 steps", "final train loss", "validation"],
@@ -232,11 +251,23 @@ EXPERIMENTS: dict[str, Callable[[], str]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", choices=[[], *EXPERIMENTS], metavar="NAME",
-                        help=f"experiments to run (default: all of {', '.join(EXPERIMENTS)})")
+    parser.add_argument(
+        "names",
+        nargs="*",
+        choices=[[], *EXPERIMENTS],
+        metavar="NAME",
+        help=f"experiments to run (default: all of {', '.join(EXPERIMENTS)})",
+    )
     parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT})")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1: tiny models gain little from more, and "
+        "one thread gives the same numbers on every run)",
+    )
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.names or EXPERIMENTS:
         start = time.perf_counter()
