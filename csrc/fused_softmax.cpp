@@ -40,39 +40,41 @@ void check_scores(const at::Tensor& t, const char* name) {
 
 // --8<-- [start:cpu_forward_row]
 // One row of the forward pass on float data: x and y hold T values, of which 0..i are visible.
+// The last, partial vector of the prefix is loaded with a count and its unused lanes blended
+// away, so the whole row runs vectorised (short rows are mostly tail).
 template <typename acc_t>
 void forward_row(const acc_t* x, acc_t* y, int64_t i, int64_t T, acc_t scale) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   const int64_t n = i + 1;  // the causal prefix
+  const int64_t tail = n % W, body = n - tail;
+  const Vec neg_inf(-std::numeric_limits<acc_t>::infinity()), zero(0);
   // Pass 1: the row maximum. scale > 0, so max(scale * x) = scale * max(x): the scale is folded
   // into the subtraction below instead of costing a pass of its own.
-  int64_t j = 0;
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  if (n >= W) {
-    Vec vm = Vec::loadu(x);
-    for (j = W; j + W <= n; j += W) vm = at::vec::maximum(vm, Vec::loadu(x + j));
-    m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
-  }
-  for (; j < n; ++j) m = std::max(m, x[j]);
+  Vec vmax = neg_inf;
+  for (int64_t j = 0; j < body; j += W) vmax = at::vec::maximum(vmax, Vec::loadu(x + j));
+  if (tail) vmax = at::vec::maximum(vmax, Vec::set(neg_inf, Vec::loadu(x + body, tail), tail));
+  const acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
   // Pass 2: e = exp(scale * (x - max)), stored in y, and their sum.
   const Vec vscale(scale), vm(m);
-  Vec vsum(0);
-  for (j = 0; j + W <= n; j += W) {
-    Vec z = (Vec::loadu(x + j) - vm) * vscale;
-    Vec e;
-    if constexpr (std::is_same_v<acc_t, double>) e = z.exp(); else e = z.exp_u20();
+  auto exp = [](Vec z) {
+    if constexpr (std::is_same_v<acc_t, double>) return z.exp(); else return z.exp_u20();
+  };
+  Vec vsum = zero;
+  for (int64_t j = 0; j < body; j += W) {
+    const Vec e = exp((Vec::loadu(x + j) - vm) * vscale);
     e.store(y + j);
     vsum = vsum + e;
   }
-  acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vsum);
-  for (; j < n; ++j) {
-    y[j] = std::exp((x[j] - m) * scale);
-    sum += y[j];
+  if (tail) {
+    const Vec e = Vec::set(zero, exp((Vec::loadu(x + body, tail) - vm) * vscale), tail);
+    e.store(y + body, tail);
+    vsum = vsum + e;
   }
+  const acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vsum);
   // Pass 3: normalise the prefix; the future gets exactly zero.
-  const acc_t inv = acc_t(1) / sum;
-  at::vec::map([inv](Vec v) { return v * Vec(inv); }, y, y, n);
+  const Vec inv(acc_t(1) / sum);
+  at::vec::map([inv](Vec v) { return v * inv; }, y, y, n);
   std::fill(y + n, y + T, acc_t(0));
 }
 // --8<-- [end:cpu_forward_row]
@@ -92,12 +94,20 @@ void backward_row(const acc_t* dy, const acc_t* y, acc_t* dx, int64_t i, int64_t
 // --8<-- [end:cpu_backward_row]
 
 // Widens the first n values of a half-type row to float32 (float and double are used in place).
+// Vector by vector, the last one partial: PyTorch's generic at::vec::convert is a scalar loop.
 template <typename scalar_t, typename acc_t>
 const acc_t* widen(const scalar_t* src, acc_t* buf, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return src;
   } else {
-    at::vec::convert(src, buf, n);
+    using Vec = at::vec::Vectorized<scalar_t>;
+    constexpr int64_t F = at::vec::Vectorized<float>::size();  // Vec holds 2 * F values
+    for (int64_t j = 0; j < n; j += Vec::size()) {
+      const int64_t count = std::min<int64_t>(Vec::size(), n - j);
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vec::loadu(src + j, count));
+      lo.store(buf + j, std::min(count, F));
+      if (count > F) hi.store(buf + j + F, count - F);
+    }
     return buf;
   }
 }

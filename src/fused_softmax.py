@@ -18,6 +18,7 @@ This module makes those kernels usable from Python:
    callers that must not (``--fused-attention`` in the trainer).
 """
 
+import hashlib
 import os
 import sys
 import time
@@ -25,7 +26,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.utils import cpp_extension
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -57,6 +57,8 @@ def _cuda_home() -> str | None:
     torch guesses CUDA_HOME from the location of ``nvcc``, which is wrong when ``nvcc`` is a wrapper
     script in ``/usr/local/bin``; so the guess is checked, then ``/usr/local/cuda`` is tried.
     """
+    from torch.utils import cpp_extension  # see _build for why this import waits
+
     for home in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda"):
         if home and (Path(home) / "include" / "cuda_runtime.h").is_file():
             return home
@@ -72,11 +74,14 @@ def _cuda_archs() -> str:
 
 
 def _build_dir(capability: str, cuda_archs: str | None) -> Path:
-    """``$GPT_CACHE_DIR/extensions/<torch, CPU capability, CUDA arch>``, created if needed."""
+    """``$GPT_CACHE_DIR/extensions/<torch, CPU capability, CUDA arch, checkout>``, created if needed."""
     root = Path(os.environ.get("GPT_CACHE_DIR", Path.home() / ".cache" / "gpt-from-scratch"))
     arch = "cpu" if cuda_archs is None else "sm" + "_".join(
         a.replace(".", "") for a in cuda_archs.replace(";", " ").split())
-    key = f"torch{torch.__version__.replace('+', '_')}-{capability.lower()}-{arch}"
+    # Two checkouts (or two environments) compile with different paths; each gets its own build
+    # instead of rebuilding over the other's.
+    where = hashlib.sha256(f"{CSRC}:{torch.__file__}".encode()).hexdigest()[:8]
+    key = f"torch{torch.__version__.replace('+', '_')}-{capability.lower()}-{arch}-{where}"
     path = root / "extensions" / key
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -92,6 +97,8 @@ def _clear_stale_lock(build_dir: Path) -> None:
     killed midway leaves the file, and every later ``load()`` then waits for it forever, silently.
     Newer torch holds an OS lock on the file instead, which dies with its holder.
     """
+    from torch.utils import cpp_extension  # see _build for why this import waits
+
     lock = build_dir / "lock"
     if hasattr(cpp_extension, "FileLock") or not lock.exists():
         return
@@ -105,6 +112,10 @@ def _clear_stale_lock(build_dir: Path) -> None:
 # --8<-- [start:build]
 def _build(cuda: bool) -> None:
     """Compile (or load from the cache) the library and register its ops with PyTorch."""
+    # Imported here, not at the top: importing cpp_extension guesses CUDA_HOME and may warn about
+    # it, which every `import src.model` would otherwise print.
+    from torch.utils import cpp_extension
+
     capability, cflags = _cpu_flags()
     sources = [CSRC / "fused_softmax.cpp"]
     cuda_archs = None
@@ -135,8 +146,9 @@ def _build(cuda: bool) -> None:
         build_directory=str(build_dir),
         is_python_module=False,  # the library registers torch ops; no Python module of its own
     )
-    if not cached:
-        print(f"fused softmax: built in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    elapsed = time.perf_counter() - start
+    if elapsed > 1.0:  # compiled: the first use, or the sources changed since the cached build
+        print(f"fused softmax: built in {elapsed:.1f} s", file=sys.stderr)
 # --8<-- [end:build]
 
 
@@ -190,7 +202,9 @@ def unavailable_reason() -> str | None:
             _build(cuda=torch.cuda.is_available())  # CUDA kernels only where a GPU can run them
             _register()
             _reason = None
-        except Exception as err:  # a missing compiler, a failed build: say why, let callers decide
+        # A build fails in many ways (no compiler, a compile error, a failed subprocess, a bad .so);
+        # every one of them means the same to callers: say why, let them decide.
+        except Exception as err:  # noqa: BLE001
             _reason = _first_error(err)
     return _reason
 
