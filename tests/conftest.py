@@ -1,6 +1,8 @@
 """Shared test fixtures: where the reference data lives, and deterministic seeds."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,3 +29,20 @@ def reference_data() -> Path:
     if not Path(path).is_dir():
         pytest.skip(f"GPT_REFERENCE_DATA={path} is not a directory")
     return Path(path)
+
+
+def build_book(root: Path, site: Path) -> subprocess.CompletedProcess:
+    """``mkdocs build --strict`` of the book at ``root`` into ``site``."""
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def pytest_terminal_summary(terminalreporter):
+    screenshots = REPO / ".cache" / "book-screenshots"
+    if screenshots.is_dir() and any(screenshots.iterdir()):
+        terminalreporter.write_line(f"book screenshots (one per page): {screenshots}")

@@ -1,21 +1,8 @@
 """The book builds strictly: a renamed function or section breaks this test, not the reader."""
 
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
-from conftest import REPO
-
-
-def build_book(root: Path, site: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+from conftest import REPO, build_book
 
 
 def test_mkdocs_build_strict(tmp_path):

@@ -1,0 +1,282 @@
+"""The book's "Break it" experiments: remove one idea at a time and measure what goes wrong.
+
+Each experiment trains or probes a small model twice, once as built and once with one piece broken,
+and writes its numbers as a Markdown table to ``docs/assets/break-it/<name>.md``, which the chapter
+includes. So every number on those pages comes from this script:
+
+    uv run python benchmarks/break_it.py            # all experiments, a few minutes on a laptop CPU
+    uv run python benchmarks/break_it.py no-scale   # just one
+
+Models are tiny and runs short: the point is the contrast between the two columns, not the loss.
+"""
+
+import argparse
+import math
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+from src.data import (
+    default_cache_dir,
+    get_batch,
+    load_corpus,
+    split_tokens,
+    tokenize_cached,
+    train_tokenizer_cached,
+)
+from src.model import GPTConfig, GPTModel
+from src.tokenizer import BPETokenizer
+from src.training import adamw, cross_entropy
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "assets" / "break-it"
+TINY = GPTConfig(
+    vocab_size=1024, context_length=64, emb_dim=64, n_heads=2, n_layers=2, drop_rate=0.0
+)
+
+
+def corpus_tokens(vocab_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation tokens of the default corpus, with a small BPE trained on it."""
+    corpus = load_corpus()
+    tokenizer = train_tokenizer_cached(corpus, vocab_size, default_cache_dir())
+    return split_tokens(tokenize_cached(corpus, tokenizer, default_cache_dir()))
+
+
+def train(
+    model: nn.Module,
+    tokens: np.ndarray,
+    steps: int,
+    lr: float,
+    batch_size: int = 16,
+    warmup: int = 0,
+    shift: bool = True,
+) -> list[float]:
+    """Plain AdamW training on random windows; returns the loss of every step."""
+    generator = torch.Generator().manual_seed(0)
+    optimizer = adamw(model, lr, weight_decay=0.1)
+    T = model.cfg.context_length
+    losses = []
+    model.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+        x, y = get_batch(tokens, batch_size, T, generator)
+        loss = cross_entropy(model(x), y if shift else x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokens: np.ndarray, batches: int = 20) -> float:
+    generator = torch.Generator().manual_seed(1)
+    model.eval()
+    T = model.cfg.context_length
+    total = 0.0
+    for _ in range(batches):
+        x, y = get_batch(tokens, 16, T, generator)
+        total += cross_entropy(model(x), y).item()
+    return total / batches
+
+
+def fmt(x: float) -> str:
+    return "diverged (NaN)" if math.isnan(x) else f"{x:.2f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+def no_causal_mask() -> str:
+    """Train without the causal mask: each position sees the token it must predict."""
+    train_tokens, val_tokens = corpus_tokens()
+    rows = []
+    for label, masked in (("with the mask", True), ("mask removed", False)):
+        torch.manual_seed(0)
+        model = GPTModel(TINY)
+        if not masked:
+            for block in model.trf_blocks:
+                block.att.mask.zero_()  # nothing is hidden any more
+        losses = train(model, train_tokens, steps=300, lr=3e-3)
+        for block in model.trf_blocks:  # generation only ever has the past: restore the mask
+            block.att.mask.copy_(torch.ones_like(block.att.mask).triu(1))
+        rows.append([label, fmt(np.mean(losses[-20:])), fmt(evaluate(model, val_tokens))])
+    return table(
+        ["", "train loss (as trained)", "validation loss (causal, as in generation)"], rows
+    )
+
+
+def no_scale() -> str:
+    """Attention weights at initialisation with and without the 1/sqrt(d) scale."""
+    torch.manual_seed(0)
+    T = 64
+    rows = []
+    for d in (16, 64, 256):
+        q, k = torch.randn(256, T, d), torch.randn(256, T, d)
+        for label, scale in (("1/sqrt(d)", 1 / math.sqrt(d)), ("none", 1.0)):
+            scores = (q @ k.transpose(-2, -1) * scale).requires_grad_()  # (N, T, T), no mask
+            weights = torch.softmax(scores, dim=-1)
+            entropy = -(weights * weights.clamp_min(1e-30).log()).sum(-1).mean()
+            (weights * torch.randn_like(weights)).sum().backward()
+            rows.append(
+                [
+                    str(d),
+                    label,
+                    f"{weights.max(-1).values.mean():.2f}",
+                    f"{entropy:.2f} of {math.log(T):.2f}",
+                    f"{scores.grad.norm(dim=-1).mean():.4f}",
+                ]
+            )
+    return table(
+        ["head_dim", "scale", "mean largest weight", "entropy (nats)", "gradient norm per row"],
+        rows,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+def no_layernorm() -> str:
+    """An 8-layer model trained with and without LayerNorm, at a modest and a high learning rate."""
+    train_tokens, val_tokens = corpus_tokens()
+    cfg = GPTConfig(**(TINY.to_dict() | dict(n_layers=8, emb_dim=128, n_heads=4)))
+    rows = []
+    for lr in (1e-3, 1e-2):
+        for label, keep_norm in (("with LayerNorm", True), ("LayerNorm removed", False)):
+            torch.manual_seed(0)
+            model = GPTModel(cfg)
+            if not keep_norm:
+                for block in model.trf_blocks:
+                    block.norm1, block.norm2 = nn.Identity(), nn.Identity()
+                model.final_norm = nn.Identity()
+            losses = train(model, train_tokens, steps=200, lr=lr, warmup=20)
+            rows.append(
+                [f"{lr:g}", label]
+                + [fmt(np.mean(losses[s - 10 : s])) for s in (10, 50, 100, 200)]
+                + [fmt(evaluate(model, val_tokens))]
+            )
+    header = ["lr", "", "loss, steps 1-10", "41-50", "91-100", "191-200", "validation loss"]
+    return table(header, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens and batches
+
+
+def no_pretokenizer() -> str:
+    """BPE trained with and without the split pattern: without it, merges glue words together."""
+    text = load_corpus().text
+    rows = []
+    for label, pattern in (("GPT-2 split pattern", None), ("no split (whole lines)", r"[^\n]+|\n")):
+        kwargs = {} if pattern is None else {"pattern": pattern}
+        tokenizer = BPETokenizer.train(text, 2048, **kwargs)
+        by_rank = sorted(tokenizer.mergeable_ranks, key=tokenizer.mergeable_ranks.get)
+        # A token that holds a space between two visible characters spans a word boundary.
+        spanning = [t for t in by_rank if re.search(rb"\S \S", t)]
+        shown = ", ".join(repr(t.decode("utf-8", "replace")) for t in spanning[:5]) or "none"
+        rows.append(
+            [
+                label,
+                f"{len(text.encode()) / len(tokenizer.encode(text)):.2f}",
+                str(len(spanning)),
+                shown,
+            ]
+        )
+    return table(["", "bytes per token", "tokens spanning words", "first learned of them"], rows)
+
+
+def unshifted_targets() -> str:
+    """Train with targets equal to the inputs instead of shifted by one."""
+    train_tokens, val_tokens = corpus_tokens()
+    rows = []
+    for label, shift in (("targets shifted by one", True), ("targets = inputs", False)):
+        torch.manual_seed(0)
+        model = GPTModel(TINY)
+        losses = train(model, train_tokens, steps=300, lr=3e-3, shift=shift)
+        rows.append([label, fmt(np.mean(losses[-20:])), fmt(evaluate(model, val_tokens))])
+    return table(["", "train loss (as trained)", "next-token validation loss"], rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining
+
+
+def learning_rate() -> str:
+    """The same model at three learning rates, with and without warmup."""
+    train_tokens, val_tokens = corpus_tokens()
+    cfg = GPTConfig(**(TINY.to_dict() | dict(n_layers=4, emb_dim=128, n_heads=4)))
+    rows = []
+    for lr, warmup in ((1e-3, 0), (3e-2, 0), (3e-2, 100), (3e-1, 100)):
+        torch.manual_seed(0)
+        model = GPTModel(cfg)
+        losses = train(model, train_tokens, steps=300, lr=lr, warmup=warmup)
+        rows.append(
+            [
+                f"{lr:g}",
+                str(warmup),
+                fmt(max(losses[:50])),
+                fmt(np.mean(losses[-20:])),
+                fmt(evaluate(model, val_tokens)),
+            ]
+        )
+    return table(
+        ["lr", "warmup steps", "worst loss, first 50 steps", "final train loss", "validation"],
+        rows,
+    )
+
+
+EXPERIMENTS: dict[str, Callable[[], str]] = {
+    "no-causal-mask": no_causal_mask,
+    "no-scale": no_scale,
+    "no-layernorm": no_layernorm,
+    "no-pretokenizer": no_pretokenizer,
+    "unshifted-targets": unshifted_targets,
+    "learning-rate": learning_rate,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "names",
+        nargs="*",
+        choices=[[], *EXPERIMENTS],
+        metavar="NAME",
+        help=f"experiments to run (default: all of {', '.join(EXPERIMENTS)})",
+    )
+    parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT})")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1: tiny models gain little from more, and "
+        "one thread gives the same numbers on every run)",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.names or EXPERIMENTS:
+        start = time.perf_counter()
+        result = EXPERIMENTS[name]()
+        note = f"\n\n*Made by `uv run python benchmarks/break_it.py {name}`.*\n"
+        (args.out / f"{name}.md").write_text(result + note)
+        print(f"{name} ({time.perf_counter() - start:.0f} s)\n{result}\n")
+
+
+if __name__ == "__main__":
+    main()
