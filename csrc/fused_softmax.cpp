@@ -148,6 +148,7 @@ at::Tensor causal_softmax_cpu(const at::Tensor& scores, double scale) {
 }
 // --8<-- [end:cpu_forward]
 
+// --8<-- [start:cpu_backward]
 template <typename scalar_t>
 void backward_rows(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t begin, int64_t end,
                    int64_t T, double scale) {
@@ -186,6 +187,7 @@ at::Tensor causal_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor&
   });
   return dx;
 }
+// --8<-- [end:cpu_backward]
 
 }  // namespace
 

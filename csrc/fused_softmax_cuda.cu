@@ -230,6 +230,7 @@ forward_block_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, i
 }
 // --8<-- [end:cuda_forward_block]
 
+// --8<-- [start:cuda_backward_block]
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(BLOCK_THREADS)
 backward_block_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ y, scalar_t* __restrict__ dx,
@@ -252,6 +253,7 @@ backward_block_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restric
   for (int j = threadIdx.x; j < T; j += BLOCK_THREADS)
     dx[j] = scalar_t(j <= i ? scale * acc_t(y[j]) * (acc_t(dy[j]) - dot) : acc_t(0));
 }
+// --8<-- [end:cuda_backward_block]
 
 // The widest vector that fits both the row (T a multiple of it) and every pointer's alignment.
 template <typename scalar_t, int VEC>
@@ -328,6 +330,7 @@ void check_square(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.size(-1) == 0 || t.numel() / t.size(-1) < (int64_t(1) << 31), name, ": too many rows");
 }
 
+// --8<-- [start:cuda_entry]
 at::Tensor causal_softmax_cuda(const at::Tensor& scores, double scale) {
   check_square(scores, "scores");
   TORCH_CHECK(scale > 0, "scale must be positive, got ", scale);
@@ -372,3 +375,4 @@ TORCH_LIBRARY_IMPL(gpt_fused, CUDA, m) {
   m.impl("causal_softmax", &causal_softmax_cuda);
   m.impl("causal_softmax_backward", &causal_softmax_backward_cuda);
 }
+// --8<-- [end:cuda_entry]

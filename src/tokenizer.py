@@ -82,6 +82,7 @@ def printable_to_bytes(text: str) -> bytes:
 # --8<-- [end:bytes]
 
 
+# --8<-- [start:tokenizer]
 def tokenizer_fingerprint(pattern: str, ranks: dict[bytes, int], special: dict[str, int]) -> str:
     """A stable sha256 of everything that decides the ids: pattern, ranks and special tokens."""
     h = hashlib.sha256(pattern.encode())
@@ -127,6 +128,7 @@ class BPETokenizer:
     @property
     def fingerprint(self) -> str:
         return tokenizer_fingerprint(self.pattern, self.mergeable_ranks, self.special_tokens)
+    # --8<-- [end:tokenizer]
 
     # --8<-- [start:train]
     @classmethod
