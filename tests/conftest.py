@@ -20,7 +20,7 @@ def _seed():
 def reference_data() -> Path:
     """The folder of real reference data (GPT-2 vocabulary, the story, instruction data).
 
-    ``.ci/run`` points ``GPT_REFERENCE_DATA`` at ``../shared/data``; on a fresh clone without it the
+    ``.ci/run`` points ``GPT_REFERENCE_DATA`` at the reference data folder beside the checkout; on a fresh clone without it the
     tests that need it are skipped, saying why.
     """
     path = os.environ.get("GPT_REFERENCE_DATA")
