@@ -31,6 +31,7 @@ import torch
 
 from src.attention import KVCache
 from src.gpt2 import GPT2_REPOS, load_pretrained
+from src.training import HelpFormatter
 
 
 # --8<-- [start:sample]
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m src.generate",
         description="Continue a prompt with a trained checkpoint, printing tokens as they come.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(

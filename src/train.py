@@ -54,6 +54,7 @@ from src.model import PRESETS, GPTConfig, GPTModel, count_parameters
 from src.tokenizer import TokenizerNotFound, get_tokenizer
 from src.training import (
     ConfigError,
+    HelpFormatter,
     NonFiniteLossError,
     StopRequest,
     adamw,
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m src.train",
         description="Pretrain a GPT on a text corpus. Defaults train a small model on the "
         "built-in corpus in a few minutes on a laptop CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     a = p.add_argument
     a("--preset", default="cpu-small", help=f"model size: {', '.join(PRESETS)}")

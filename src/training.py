@@ -19,6 +19,7 @@ framework to learn.
   of a pointer file, so a kill at any moment leaves the last good checkpoint readable.
 """
 
+import argparse
 import base64
 import contextlib
 import json
@@ -152,6 +153,16 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int
 
 
 # --8<-- [start:progress]
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` that shows each flag's default, unless its help already says what the default is
+    (or there is none to show)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def progress_bar(total: int, initial: int = 0, disable: bool = False) -> tqdm:
     """A progress bar over optimizer steps; the caller adds loss and tokens/s, tqdm the ETA."""
     return tqdm(total=total, initial=initial, disable=disable, unit="step", dynamic_ncols=True)
