@@ -240,6 +240,168 @@ def learning_rate() -> str:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Fusing the softmax
+
+
+def no_max_subtraction() -> str:
+    """Softmax with and without subtracting the row maximum, as scores grow, in float32 and bf16."""
+    torch.manual_seed(0)
+    base = torch.randn(1024, 64)  # 1024 rows of 64 unit-variance scores
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for magnitude in (1, 10, 50, 100, 1000):
+            x = (base * magnitude).to(dtype)
+            reference = torch.softmax(x.double(), dim=-1)
+            e = torch.exp(x)  # no maximum subtracted: exponents as large as the scores
+            naive = (e / e.sum(-1, keepdim=True)).double()
+            stable = torch.softmax(x, dim=-1).double()  # subtracts the maximum first
+            bad = ~torch.isfinite(naive).all(-1)
+            rows.append(
+                [
+                    str(dtype).removeprefix("torch."),
+                    str(magnitude),
+                    f"{bad.float().mean():.0%}",
+                    f"{(naive - reference).abs().nan_to_num(nan=1.0).max():.1e}",
+                    f"{(stable - reference).abs().max():.1e}",
+                ]
+            )
+    return table(
+        [
+            "dtype",
+            "score std",
+            "rows with inf/NaN, no max",
+            "max error, no max (NaN counted as 1)",
+            "max error, max subtracted",
+        ],
+        rows,
+    )
+
+
+def narrow_accumulator() -> str:
+    """The softmax denominator summed in bfloat16 instead of float32, as rows grow."""
+    torch.manual_seed(0)
+    rows = []
+    for T in (64, 256, 1024, 4096):
+        x = torch.randn(64, T)  # 64 rows of unit-variance scores
+        e = torch.exp(x - x.max(-1, keepdim=True).values).to(torch.bfloat16)
+        wide = e.float().sum(-1)  # what the kernel does: widen, sum in float32
+        narrow = torch.zeros(64, dtype=torch.bfloat16)
+        for j in range(T):  # a running sum kept in bfloat16, rounded after every add
+            narrow = narrow + e[:, j]
+        exact = e.double().sum(-1)
+        rows.append(
+            [
+                str(T),
+                f"{((wide.double() - exact) / exact).abs().max():.1e}",
+                f"{((narrow.double() - exact) / exact).abs().max():.1e}",
+                f"{(exact / narrow.double()).sum().item() / 64:.3f}",
+            ]
+        )
+    return table(
+        [
+            "T",
+            "denominator error, float32 sum",
+            "denominator error, bf16 sum",
+            "mean sum of the bf16-normalised weights",
+        ],
+        rows,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Generating text
+
+
+def _trained_tiny() -> tuple[GPTModel, np.ndarray]:
+    """The tiny model trained briefly, and the validation tokens to draw prompts from."""
+    train_tokens, val_tokens = corpus_tokens()
+    torch.manual_seed(0)
+    model = GPTModel(TINY)
+    train(model, train_tokens, steps=400, lr=3e-3)
+    model.eval()
+    return model, val_tokens
+
+
+def _prompts(tokens: np.ndarray, n: int = 16, length: int = 8) -> torch.Tensor:
+    starts = np.linspace(0, len(tokens) - length - 1, n).astype(int)
+    return torch.tensor(np.stack([tokens[s : s + length] for s in starts]), dtype=torch.long)
+
+
+def repeated_ngrams(tokens: torch.Tensor, n: int = 4) -> float:
+    """Fraction of the n-grams in each row that already occurred earlier in that row."""
+    repeated = total = 0
+    for row in tokens.tolist():
+        seen = set()
+        for i in range(len(row) - n + 1):
+            gram = tuple(row[i : i + n])
+            repeated += gram in seen
+            seen.add(gram)
+            total += 1
+    return repeated / total
+
+
+def greedy_loops() -> str:
+    """Greedy decoding against sampling: how much of the generated text repeats itself."""
+    from src.generate import generate
+
+    model, val_tokens = _trained_tiny()
+    prompts = _prompts(val_tokens)
+    rows = []
+    for label, kwargs in (
+        ("greedy", {}),
+        ("temperature 0.7", dict(temperature=0.7)),
+        ("temperature 1.0", dict(temperature=1.0)),
+        ("temperature 1.0, top-k 40", dict(temperature=1.0, top_k=40)),
+        ("temperature 1.0, top-p 0.9", dict(temperature=1.0, top_p=0.9)),
+    ):
+        generator = torch.Generator().manual_seed(0)
+        out = generate(model, prompts, 200, TINY.context_length, generator=generator, **kwargs)
+        new = out[:, prompts.shape[1] :]
+        rows.append([label, f"{repeated_ngrams(new):.0%}"])
+    real = torch.tensor(val_tokens[: 16 * 200].astype(np.int64)).view(16, 200)
+    rows.append(["(real validation text, 16 x 200 tokens)", f"{repeated_ngrams(real):.0%}"])
+    return table(["decoding", "repeated 4-grams in 200 new tokens"], rows)
+
+
+def high_temperature() -> str:
+    """Sampling at rising temperature: entropy per token and how the model scores its own text."""
+    from src.generate import generate
+
+    model, val_tokens = _trained_tiny()
+    prompts = _prompts(val_tokens)
+    rows = []
+    for temperature in (0.5, 1.0, 1.5, 2.0, 5.0):
+        generator = torch.Generator().manual_seed(0)
+        out = generate(
+            model, prompts, 56, TINY.context_length, temperature=temperature, generator=generator
+        )  # (16, 64): one full context window per row
+        with torch.no_grad():
+            logits = model(out)[:, prompts.shape[1] - 1 : -1]  # predictions of the new tokens
+            log_probs = torch.log_softmax(logits, dim=-1)
+            own_loss = -log_probs.gather(-1, out[:, prompts.shape[1] :, None]).mean()
+            scaled = torch.log_softmax(logits / temperature, dim=-1)
+            entropy = -(scaled.exp() * scaled).sum(-1).mean()
+        rows.append(
+            [
+                f"{temperature:g}",
+                f"{entropy:.2f} of {math.log(TINY.vocab_size):.2f}",
+                f"{own_loss:.2f}",
+            ]
+        )
+    return (
+        table(
+            [
+                "temperature",
+                "entropy of the sampling distribution (nats)",
+                "model's loss on its own samples (at temperature 1)",
+            ],
+            rows,
+        )
+        + f"\n\nValidation loss of the same model on real text: {evaluate(model, val_tokens):.2f}."
+    )
+
+
 EXPERIMENTS: dict[str, Callable[[], str]] = {
     "no-causal-mask": no_causal_mask,
     "no-scale": no_scale,
@@ -247,6 +409,10 @@ EXPERIMENTS: dict[str, Callable[[], str]] = {
     "no-pretokenizer": no_pretokenizer,
     "unshifted-targets": unshifted_targets,
     "learning-rate": learning_rate,
+    "no-max-subtraction": no_max_subtraction,
+    "narrow-accumulator": narrow_accumulator,
+    "greedy-loops": greedy_loops,
+    "high-temperature": high_temperature,
 }
 
 
