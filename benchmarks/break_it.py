@@ -402,6 +402,272 @@ def high_temperature() -> str:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Loading GPT-2
+
+
+def gpt2_layout() -> str:
+    """Load a small random GPT-2 from transformers, then undo one layout step, and compare logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel  # the independent reference
+
+    from src.gpt2 import config_from_hf, load_gpt2_state_dict
+
+    torch.manual_seed(0)
+    # Weights 10x GPT-2's initial scale (0.02), closer to a trained model's: at 0.02 attention is
+    # nearly uniform, and swapping query and key barely shows.
+    hf_config = GPT2Config(
+        vocab_size=1024, n_positions=64, n_embd=64, n_layer=2, n_head=2, initializer_range=0.2
+    )
+    reference = GPT2LMHeadModel(hf_config).eval()
+    ids = torch.randint(0, 1024, (8, 64))
+    with torch.no_grad():
+        expected = reference(ids).logits  # (B, T, V)
+
+    def untransposed_c_proj(model: GPTModel) -> None:
+        for block in model.trf_blocks:  # square (E, E): the wrong layout has the right shape
+            block.att.out_proj.weight.copy_(block.att.out_proj.weight.t().clone())
+
+    def key_query_swapped(model: GPTModel) -> None:
+        for block in model.trf_blocks:  # c_attn read as [key | query | value]
+            q, k = block.att.W_query, block.att.W_key
+            for name in ("weight", "bias"):
+                a, b = getattr(q, name).clone(), getattr(k, name).clone()
+                getattr(q, name).copy_(b)
+                getattr(k, name).copy_(a)
+
+    rows = []
+    for label, breakage in (
+        ("as built", None),
+        ("c_proj not transposed", untransposed_c_proj),
+        ("c_attn split as key, query, value", key_query_swapped),
+    ):
+        model = GPTModel(config_from_hf(hf_config, drop_rate=0.0))
+        load_gpt2_state_dict(model, reference.state_dict()).eval()
+        with torch.no_grad():
+            if breakage:
+                breakage(model)
+            logits = model(ids)
+        agree = (logits.argmax(-1) == expected.argmax(-1)).float().mean()
+        rows.append(
+            [
+                label,
+                f"{(logits - expected).abs().max():.2e}",
+                f"{expected.std():.2f}",
+                f"{100 * agree:.1f}%",
+            ]
+        )
+    return table(
+        ["", "max abs logit difference", "logit std (reference)", "same top-1 token"], rows
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification
+
+
+def first_token_pooling() -> str:
+    """Classify with the first token's output instead of the last one's, on a synthetic task."""
+    from src.classify import collate, last_token_logits, make_classifier
+
+    # Random texts of 8-24 tokens; class 1 holds the keyword token 3 somewhere after the first token.
+    generator = torch.Generator().manual_seed(0)
+
+    def examples(n: int) -> list[tuple[list[int], int]]:
+        out = []
+        for _ in range(n):
+            length = int(torch.randint(8, 25, (1,), generator=generator))
+            ids = torch.randint(4, 64, (length,), generator=generator).tolist()
+            label = int(torch.randint(0, 2, (1,), generator=generator))
+            if label:
+                ids[int(torch.randint(1, length, (1,), generator=generator))] = 3
+            out.append((ids, label))
+        return out
+
+    train_set, test_set = examples(6400), examples(1000)
+    cfg = GPTConfig(**(TINY.to_dict() | dict(vocab_size=64)))
+    rows = []
+    for label, pool in (
+        ("last token (as built)", last_token_logits),
+        ("first token", lambda logits, lengths: logits[:, 0]),
+    ):
+        torch.manual_seed(0)
+        model = make_classifier(GPTModel(cfg), 2)
+        optimizer = adamw(model, 1e-3, weight_decay=0.1)
+        model.train()
+        for start in range(0, len(train_set), 32):
+            ids, lengths, labels = collate(train_set[start : start + 32], pad_id=0)
+            loss = nn.functional.cross_entropy(pool(model(ids), lengths), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            ids, lengths, labels = collate(test_set, pad_id=0)
+            accuracy = (pool(model(ids), lengths).argmax(-1) == labels).float().mean()
+        rows.append([label, f"{loss.item():.2f}", f"{100 * accuracy:.1f}%"])
+    return table(["pooled output", "final train loss", "test accuracy (chance: 50%)"], rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Instruction finetuning
+
+
+def padding_targets() -> str:
+    """Train a copy task with padding targets ignored (-100) or kept as end-of-text tokens."""
+    from src.instruct import IGNORE_INDEX, collate
+
+    # prompt: 2-20 random tokens, then a separator (1); response: the same tokens, then EOT (0).
+    generator = torch.Generator().manual_seed(0)
+
+    def examples(n: int) -> list[tuple[list[int], int]]:
+        out = []
+        for _ in range(n):
+            length = int(torch.randint(2, 21, (1,), generator=generator))
+            prompt = torch.randint(2, 64, (length,), generator=generator).tolist() + [1]
+            out.append((prompt + prompt[:-1] + [0], len(prompt)))
+        return out
+
+    def batch(rows, ignore_padding: bool):
+        inputs, targets = collate(rows, pad_id=0, mask_prompt=True)  # (B, T), (B, T)
+        if not ignore_padding:
+            for row, (ids, _) in enumerate(rows):
+                targets[row, len(ids) - 1 :] = 0  # padding targets become end-of-text tokens
+        return inputs, targets
+
+    train_set, test_set = examples(300 * 16), examples(500)
+    test_inputs, test_targets = batch(test_set, ignore_padding=True)  # response tokens only
+    cfg = GPTConfig(**(TINY.to_dict() | dict(vocab_size=64)))
+    rows = []
+    for label, ignore_padding in (
+        ("padding targets = -100", True),
+        ("padding targets kept", False),
+    ):
+        torch.manual_seed(0)
+        model = GPTModel(cfg)
+        optimizer = adamw(model, 3e-3, weight_decay=0.1)
+        model.train()
+        losses, padding_share = [], []
+        for start in range(0, len(train_set), 16):
+            inputs, targets = batch(train_set[start : start + 16], ignore_padding)
+            loss = cross_entropy(model(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+            counted = targets != IGNORE_INDEX
+            padding_share.append((counted & (inputs == 0)).sum().item() / counted.sum().item())
+        model.eval()
+        with torch.no_grad():
+            logits = model(test_inputs)
+            response = test_targets != IGNORE_INDEX
+            accuracy = (logits.argmax(-1) == test_targets)[response].float().mean()
+            rows.append(
+                [
+                    label,
+                    f"{100 * np.mean(padding_share):.0f}%",
+                    fmt(np.mean(losses[-20:])),
+                    fmt(cross_entropy(logits, test_targets).item()),
+                    f"{100 * accuracy:.1f}%",
+                ]
+            )
+    return table(
+        [
+            "",
+            "targets in the loss that are padding",
+            "train loss (as reported)",
+            "test loss on responses",
+            "response tokens right",
+        ],
+        rows,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+def _pretrained_tiny(train_tokens: np.ndarray) -> GPTModel:
+    torch.manual_seed(0)
+    model = GPTModel(TINY)
+    train(model, train_tokens, steps=200, lr=3e-3)
+    return model
+
+
+def lora_init() -> str:
+    """Wrap a briefly pretrained tiny model with LoRA, with B at zero (as built) or random."""
+    from src.lora import LoRALinear, apply_lora
+
+    train_tokens, val_tokens = corpus_tokens()
+    base = _pretrained_tiny(train_tokens)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    x = torch.from_numpy(val_tokens[: 4 * 64].astype(np.int64)).view(4, 64)
+    with torch.no_grad():
+        base.eval()
+        base_logits, base_loss = base(x), evaluate(base, val_tokens)
+    rows = []
+    for label, random_b in (("B = 0 (as built)", False), ("B random, like A", True)):
+        torch.manual_seed(0)
+        model = GPTModel(TINY)
+        model.load_state_dict(state)
+        apply_lora(model, rank=16, alpha=16)
+        if random_b:
+            for module in model.modules():
+                if isinstance(module, LoRALinear):
+                    nn.init.kaiming_uniform_(module.lora_B, a=math.sqrt(5))
+        model.eval()
+        with torch.no_grad():
+            difference = (model(x) - base_logits).abs().max().item()
+        step0 = evaluate(model, val_tokens)
+        train(model, train_tokens, steps=100, lr=1e-3)
+        rows.append([label, f"{difference:.2e}", fmt(step0), fmt(evaluate(model, val_tokens))])
+    return table(
+        [
+            "",
+            "max abs logit change at step 0",
+            f"validation loss at step 0 (base: {base_loss:.2f})",
+            "after 100 LoRA steps",
+        ],
+        rows,
+    )
+
+
+def lora_alpha() -> str:
+    """LoRA finetuning of the same base at alpha/rank = 1, 16 and 256 (rank 16, same lr)."""
+    from src.lora import apply_lora
+
+    train_tokens, val_tokens = corpus_tokens()
+    base = _pretrained_tiny(train_tokens)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    base_loss = evaluate(base, val_tokens)
+    rows = []
+    for alpha in (16, 256, 4096):
+        torch.manual_seed(0)
+        model = GPTModel(TINY)
+        model.load_state_dict(state)
+        apply_lora(model, rank=16, alpha=alpha)
+        losses = train(model, train_tokens, steps=100, lr=1e-3)
+        rows.append(
+            [
+                f"{alpha:g}",
+                f"{alpha / 16:g}",
+                fmt(max(losses[:20])),
+                fmt(np.mean(losses[-10:])),
+                fmt(evaluate(model, val_tokens)),
+            ]
+        )
+    return table(
+        [
+            "alpha (rank 16)",
+            "scale alpha/rank",
+            "worst loss, first 20 steps",
+            "final train loss",
+            f"validation (base: {base_loss:.2f})",
+        ],
+        rows,
+    )
+
+
 EXPERIMENTS: dict[str, Callable[[], str]] = {
     "no-causal-mask": no_causal_mask,
     "no-scale": no_scale,
@@ -413,6 +679,11 @@ EXPERIMENTS: dict[str, Callable[[], str]] = {
     "narrow-accumulator": narrow_accumulator,
     "greedy-loops": greedy_loops,
     "high-temperature": high_temperature,
+    "gpt2-layout": gpt2_layout,
+    "first-token-pooling": first_token_pooling,
+    "padding-targets": padding_targets,
+    "lora-init": lora_init,
+    "lora-alpha": lora_alpha,
 }
 
 
