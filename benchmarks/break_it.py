@@ -668,6 +668,44 @@ def lora_alpha() -> str:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Scaling out
+
+
+def unsynchronised_replicas() -> str:
+    """Two data-parallel replicas, simulated in one process, with and without gradient averaging."""
+    train_tokens, val_tokens = corpus_tokens()
+    rows = []
+    for label, average in (("gradients averaged (DDP)", True), ("no averaging", False)):
+        torch.manual_seed(0)
+        replicas = [GPTModel(TINY), GPTModel(TINY)]
+        replicas[1].load_state_dict(replicas[0].state_dict())  # same start, as DDP broadcasts
+        optimizers = [adamw(m, 3e-3, weight_decay=0.1) for m in replicas]
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(200):
+            x, y = get_batch(train_tokens, 16, TINY.context_length, generator)  # the global batch
+            for rank, (model, optimizer) in enumerate(zip(replicas, optimizers, strict=True)):
+                shard = slice(8 * rank, 8 * rank + 8)  # each replica sees its half
+                optimizer.zero_grad(set_to_none=True)
+                cross_entropy(model(x[shard]), y[shard]).backward()
+            if average:  # what DDP's all-reduce does, parameter by parameter
+                for params in zip(*(m.parameters() for m in replicas), strict=True):
+                    mean = torch.stack([p.grad for p in params]).mean(0)
+                    for p in params:
+                        p.grad = mean.clone()
+            for optimizer in optimizers:
+                optimizer.step()
+        gap = max(
+            (a - b).abs().max().item()
+            for a, b in zip(replicas[0].parameters(), replicas[1].parameters(), strict=True)
+        )
+        rows.append([label, f"{gap:.2e}"] + [fmt(evaluate(m, val_tokens)) for m in replicas])
+    return table(
+        ["", "largest weight difference between replicas", "val loss, rank 0", "val loss, rank 1"],
+        rows,
+    )
+
+
 EXPERIMENTS: dict[str, Callable[[], str]] = {
     "no-causal-mask": no_causal_mask,
     "no-scale": no_scale,
@@ -684,6 +722,7 @@ EXPERIMENTS: dict[str, Callable[[], str]] = {
     "padding-targets": padding_targets,
     "lora-init": lora_init,
     "lora-alpha": lora_alpha,
+    "unsynchronised-replicas": unsynchronised_replicas,
 }
 
 
