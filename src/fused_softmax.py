@@ -19,6 +19,7 @@ This module makes those kernels usable from Python:
 """
 
 import hashlib
+import logging
 import os
 import sys
 import time
@@ -56,14 +57,29 @@ def _cpu_flags() -> tuple[str, list[str]]:
 # --8<-- [end:flags]
 
 
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported on first use rather than with this module.
+
+    Importing it guesses CUDA_HOME and, on a machine without a GPU, logs a warning about the guess;
+    ``_cuda_home`` checks the guess itself, so that warning is only noise and is held back.
+    """
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def _cuda_home() -> str | None:
     """A CUDA toolkit directory that really holds the headers, or None.
 
     torch guesses CUDA_HOME from the location of ``nvcc``, which is wrong when ``nvcc`` is a wrapper
     script in ``/usr/local/bin``; so the guess is checked, then ``/usr/local/cuda`` is tried.
     """
-    from torch.utils import cpp_extension  # see _build for why this import waits
-
+    cpp_extension = _cpp_extension()
     for home in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda"):
         if home and (Path(home) / "include" / "cuda_runtime.h").is_file():
             return home
@@ -105,8 +121,7 @@ def _clear_stale_lock(build_dir: Path) -> None:
     killed midway leaves the file, and every later ``load()`` then waits for it forever, silently.
     Newer torch holds an OS lock on the file instead, which dies with its holder.
     """
-    from torch.utils import cpp_extension  # see _build for why this import waits
-
+    cpp_extension = _cpp_extension()
     lock = build_dir / "lock"
     if hasattr(cpp_extension, "FileLock") or not lock.exists():
         return
@@ -122,10 +137,7 @@ def _clear_stale_lock(build_dir: Path) -> None:
 # --8<-- [start:build]
 def _build(cuda: bool) -> None:
     """Compile (or load from the cache) the library and register its ops with PyTorch."""
-    # Imported here, not at the top: importing cpp_extension guesses CUDA_HOME and may warn about
-    # it, which every `import src.model` would otherwise print.
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     capability, cflags = _cpu_flags()
     sources = [CSRC / "fused_softmax.cpp"]
     cuda_archs = None
