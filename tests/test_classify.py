@@ -26,14 +26,7 @@ from src.model import GPTConfig, GPTModel
 from src.tokenizer import BPETokenizer
 from src.training import find_checkpoint, load_checkpoint_meta, save_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread and lose much when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_csv(path, rows, header=("text", "label"), delimiter=","):
