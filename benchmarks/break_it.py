@@ -15,6 +15,7 @@ import math
 import re
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -171,6 +172,40 @@ def no_layernorm() -> str:
                 + [fmt(evaluate(model, val_tokens))]
             )
     header = ["lr", "", "loss, steps 1-10", "41-50", "91-100", "191-200", "validation loss"]
+    return table(header, rows)
+
+
+def no_residual() -> str:
+    """An 8-layer model trained with and without its residual connections."""
+    train_tokens, val_tokens = corpus_tokens()
+    cfg = GPTConfig(**(TINY.to_dict() | dict(n_layers=8, emb_dim=128, n_heads=4)))
+
+    def without_shortcut(block, x, kv_cache=None):  # x = f(norm(x)), not x + f(norm(x))
+        x = block.att(block.norm1(x), kv_cache)
+        return block.ff(block.norm2(x))
+
+    rows = []
+    for label, residual in (("with residual connections", True), ("residuals removed", False)):
+        torch.manual_seed(0)
+        model = GPTModel(cfg)
+        if not residual:
+            for block in model.trf_blocks:
+                block.forward = types.MethodType(without_shortcut, block)
+        losses = train(model, train_tokens, steps=200, lr=1e-3, warmup=20)
+        first_grad = model.trf_blocks[0].att.W_query.weight.grad.norm().item()
+        rows.append(
+            [label]
+            + [fmt(np.mean(losses[s - 10 : s])) for s in (10, 100, 200)]
+            + [fmt(evaluate(model, val_tokens)), f"{first_grad:.1e}"]
+        )
+    header = [
+        "",
+        "loss, steps 1-10",
+        "91-100",
+        "191-200",
+        "validation loss",
+        "gradient norm, first block's W_query (last step)",
+    ]
     return table(header, rows)
 
 
@@ -710,6 +745,7 @@ EXPERIMENTS: dict[str, Callable[[], str]] = {
     "no-causal-mask": no_causal_mask,
     "no-scale": no_scale,
     "no-layernorm": no_layernorm,
+    "no-residual": no_residual,
     "no-pretokenizer": no_pretokenizer,
     "unshifted-targets": unshifted_targets,
     "learning-rate": learning_rate,
