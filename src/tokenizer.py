@@ -128,6 +128,7 @@ class BPETokenizer:
     @property
     def fingerprint(self) -> str:
         return tokenizer_fingerprint(self.pattern, self.mergeable_ranks, self.special_tokens)
+
     # --8<-- [end:tokenizer]
 
     # --8<-- [start:train]
