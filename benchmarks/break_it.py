@@ -771,7 +771,7 @@ def unsynchronised_replicas() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Added experiments: tokens, pretraining, scaling out
+# Tokens, pretraining and scaling out, continued: decoding, overfitting, sharding
 
 
 def per_token_decoding() -> str:
@@ -879,7 +879,7 @@ def duplicated_data() -> str:
                 label,
                 str(len(shards)),
                 str(len({i for shard in shards for i in range(16)[shard]})),
-                f"{gap:.2e}",
+                "(the reference)" if len(shards) == 1 else f"{gap:.2e}",
                 fmt(evaluate(replicas[0], val_tokens)),
             ]
         )
