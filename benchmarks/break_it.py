@@ -730,6 +730,15 @@ def lora_alpha() -> str:
 # Scaling out
 
 
+def average_gradients(replicas: list[nn.Module]) -> None:
+    """Give every replica the mean of their gradients: what DDP's all-reduce does, parameter by
+    parameter."""
+    for params in zip(*(m.parameters() for m in replicas), strict=True):
+        mean = torch.stack([p.grad for p in params]).mean(0)
+        for p in params:
+            p.grad = mean.clone()
+
+
 def unsynchronised_replicas() -> str:
     """Two data-parallel replicas, simulated in one process, with and without gradient averaging."""
     train_tokens, val_tokens = corpus_tokens()
@@ -746,11 +755,8 @@ def unsynchronised_replicas() -> str:
                 shard = slice(8 * rank, 8 * rank + 8)  # each replica sees its half
                 optimizer.zero_grad(set_to_none=True)
                 cross_entropy(model(x[shard]), y[shard]).backward()
-            if average:  # what DDP's all-reduce does, parameter by parameter
-                for params in zip(*(m.parameters() for m in replicas), strict=True):
-                    mean = torch.stack([p.grad for p in params]).mean(0)
-                    for p in params:
-                        p.grad = mean.clone()
+            if average:
+                average_gradients(replicas)
             for optimizer in optimizers:
                 optimizer.step()
         gap = max(
@@ -760,6 +766,131 @@ def unsynchronised_replicas() -> str:
         rows.append([label, f"{gap:.2e}"] + [fmt(evaluate(m, val_tokens)) for m in replicas])
     return table(
         ["", "largest weight difference between replicas", "val loss, rank 0", "val loss, rank 1"],
+        rows,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens, pretraining and scaling out, continued: decoding, overfitting, sharding
+
+
+def per_token_decoding() -> str:
+    """Decode every token on its own and join the texts, instead of decoding the joined bytes."""
+    tokenizer = train_tokenizer_cached(load_corpus(), 1024, default_cache_dir())
+    token_bytes = {rank: token for token, rank in tokenizer.mergeable_ranks.items()}
+    rows = []
+    for text in (
+        "It’s “quoted” — done…",
+        "Café, naïve, résumé, Zürich",
+        "東京で寿司を食べた",
+        "Ship it 🚀",
+    ):
+        ids = tokenizer.encode(text)
+        pieces = [tokenizer.decode([i]) for i in ids]  # each token's bytes decoded alone
+        # A character is corrupted when a token boundary falls inside its bytes.
+        cuts = set(np.cumsum([len(token_bytes[i]) for i in ids]).tolist())
+        ends = np.cumsum([len(ch.encode()) for ch in text]).tolist()
+        starts = [0] + ends[:-1]
+        corrupted = sum(any(s < c < e for c in cuts) for s, e in zip(starts, ends, strict=True))
+        rows.append(
+            [
+                f"`{text}`",
+                str(len(ids)),
+                str(sum("\ufffd" in piece for piece in pieces)),
+                f"{corrupted} of {len(text)} ({corrupted / len(text):.0%})",
+                f"`{''.join(pieces)}`",
+                "exact" if tokenizer.decode(ids) == text else "differs",
+            ]
+        )
+    return table(
+        [
+            "text",
+            "tokens",
+            "tokens that are not valid UTF-8 alone",
+            "characters corrupted",
+            "decoded token by token",
+            "joined bytes, decoded once",
+        ],
+        rows,
+    )
+
+
+def overfitting() -> str:
+    """Train the tiny model for 400 steps on a slice of 4,096 tokens; evaluate on held-out text."""
+    train_tokens, val_tokens = corpus_tokens()
+    few = train_tokens[:4096]  # four batches of 16 x 64 tokens: 400 steps read it 100 times
+    torch.manual_seed(0)
+    model = GPTModel(TINY)
+    optimizer = adamw(model, 3e-3, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(0)
+    checkpoints = [(0, evaluate(model, few), evaluate(model, val_tokens))]
+    for step in range(1, 401):
+        model.train()
+        x, y = get_batch(few, 16, TINY.context_length, generator)
+        loss = cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 10 == 0:
+            checkpoints.append((step, evaluate(model, few), evaluate(model, val_tokens)))
+    best = min(checkpoints, key=lambda c: c[2])[0]
+    return table(
+        ["step", "train loss (on the 4,096 tokens)", "validation loss", ""],
+        [
+            [str(s), fmt(t), fmt(v), "best validation" if s == best else ""]
+            for s, t, v in checkpoints
+            if s in (0, 20, 100, 200, 400) or s == best
+        ],
+    )
+
+
+def duplicated_data() -> str:
+    """Two data-parallel replicas that read the same shard, against distinct shards and one alone."""
+    train_tokens, val_tokens = corpus_tokens()
+    rows = []
+    for label, shards in (
+        ("one replica", [slice(0, 8)]),
+        ("two replicas, same shard (no rank offset)", [slice(0, 8), slice(0, 8)]),
+        ("two replicas, distinct shards (as in DDP)", [slice(0, 8), slice(8, 16)]),
+    ):
+        torch.manual_seed(0)
+        replicas = [GPTModel(TINY) for _ in shards]
+        for model in replicas[1:]:
+            model.load_state_dict(replicas[0].state_dict())  # same start, as DDP broadcasts
+        optimizers = [adamw(m, 3e-3, weight_decay=0.1) for m in replicas]
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(200):
+            x, y = get_batch(train_tokens, 16, TINY.context_length, generator)  # the global batch
+            for model, optimizer, shard in zip(replicas, optimizers, shards, strict=True):
+                optimizer.zero_grad(set_to_none=True)
+                cross_entropy(model(x[shard]), y[shard]).backward()
+            average_gradients(replicas)
+            for optimizer in optimizers:
+                optimizer.step()
+        if len(shards) == 1:
+            single = replicas[0]
+        gap = max(
+            (a - b).abs().max().item()
+            for a, b in zip(single.parameters(), replicas[0].parameters(), strict=True)
+        )
+        rows.append(
+            [
+                label,
+                str(len(shards)),
+                str(len({i for shard in shards for i in range(16)[shard]})),
+                "(the reference)" if len(shards) == 1 else f"{gap:.2e}",
+                fmt(evaluate(replicas[0], val_tokens)),
+            ]
+        )
+    return table(
+        [
+            "",
+            "workers",
+            "distinct sequences per step",
+            "largest weight difference from one replica",
+            "validation loss",
+        ],
         rows,
     )
 
@@ -783,6 +914,9 @@ EXPERIMENTS: dict[str, Callable[[], str]] = {
     "lora-init": lora_init,
     "lora-alpha": lora_alpha,
     "unsynchronised-replicas": unsynchronised_replicas,
+    "per-token-decoding": per_token_decoding,
+    "overfitting": overfitting,
+    "duplicated-data": duplicated_data,
 }
 
 
