@@ -857,8 +857,7 @@ def imbalanced_classes() -> str:
 
 
 def no_eot_target() -> str:
-    """Train the copy task with the end-of-text target kept (as built) or also set to -100, then
-    generate greedily and see which responses stop."""
+    """Train the copy task with the end-of-text target kept or set to -100; generate greedily."""
     from src.generate import generate
     from src.instruct import IGNORE_INDEX, collate
 
