@@ -570,11 +570,10 @@ def first_token_pooling() -> str:
 # Instruction finetuning
 
 
-def padding_targets() -> str:
-    """Train a copy task with padding targets ignored (-100) or kept as end-of-text tokens."""
-    from src.instruct import IGNORE_INDEX, collate
-
-    # prompt: 2-20 random tokens, then a separator (1); response: the same tokens, then EOT (0).
+def _copy_task() -> tuple[list[tuple[list[int], int]], list[tuple[list[int], int]]]:
+    """A synthetic instruction task, 300 x 16 training and 500 test examples as
+    ``(ids, prompt_length)``: the prompt is 2-20 random tokens, then a separator (1); the response
+    is the same tokens, then end-of-text (0)."""
     generator = torch.Generator().manual_seed(0)
 
     def examples(n: int) -> list[tuple[list[int], int]]:
@@ -585,6 +584,32 @@ def padding_targets() -> str:
             out.append((prompt + prompt[:-1] + [0], len(prompt)))
         return out
 
+    return examples(300 * 16), examples(500)
+
+
+def _train_copy(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[GPTModel, list[float]]:
+    """The tiny model (vocabulary 64) trained from scratch, one step per (inputs, targets) batch;
+    returns it, in eval mode, and the loss of every step."""
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(**(TINY.to_dict() | dict(vocab_size=64))))
+    optimizer = adamw(model, 3e-3, weight_decay=0.1)
+    model.train()
+    losses = []
+    for inputs, targets in batches:
+        loss = cross_entropy(model(inputs), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return model, losses
+
+
+def padding_targets() -> str:
+    """Train a copy task with padding targets ignored (-100) or kept as end-of-text tokens."""
+    from src.instruct import IGNORE_INDEX, collate
+
     def batch(rows, ignore_padding: bool):
         inputs, targets = collate(rows, pad_id=0, mask_prompt=True)  # (B, T), (B, T)
         if not ignore_padding:
@@ -592,30 +617,22 @@ def padding_targets() -> str:
                 targets[row, len(ids) - 1 :] = 0  # padding targets become end-of-text tokens
         return inputs, targets
 
-    train_set, test_set = examples(300 * 16), examples(500)
+    train_set, test_set = _copy_task()
     test_inputs, test_targets = batch(test_set, ignore_padding=True)  # response tokens only
-    cfg = GPTConfig(**(TINY.to_dict() | dict(vocab_size=64)))
     rows = []
     for label, ignore_padding in (
         ("padding targets = -100", True),
         ("padding targets kept", False),
     ):
-        torch.manual_seed(0)
-        model = GPTModel(cfg)
-        optimizer = adamw(model, 3e-3, weight_decay=0.1)
-        model.train()
-        losses, padding_share = [], []
-        for start in range(0, len(train_set), 16):
-            inputs, targets = batch(train_set[start : start + 16], ignore_padding)
-            loss = cross_entropy(model(inputs), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            losses.append(loss.item())
+        batches = [
+            batch(train_set[start : start + 16], ignore_padding)
+            for start in range(0, len(train_set), 16)
+        ]
+        model, losses = _train_copy(batches)
+        padding_share = []
+        for inputs, targets in batches:
             counted = targets != IGNORE_INDEX
             padding_share.append((counted & (inputs == 0)).sum().item() / counted.sum().item())
-        model.eval()
         with torch.no_grad():
             logits = model(test_inputs)
             response = test_targets != IGNORE_INDEX
@@ -895,6 +912,136 @@ def duplicated_data() -> str:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Classification: a rare class
+
+
+def imbalanced_classes() -> str:
+    """A rare class (13% of texts), trained on as it comes and on a balanced, undersampled set."""
+    from src.classify import balance, collate, confusion_matrix, last_token_logits, make_classifier
+    from src.finetune import minibatches
+
+    # Random texts of 8-24 tokens. In class 1, 13% of the texts, each token is replaced with
+    # probability 1/4 by one of 8 "spam words" (tokens 4-11). Class 0 texts hold spam words too,
+    # by chance (8 of the 60 tokens drawn), so the classes overlap: no rule separates them all.
+    generator = torch.Generator().manual_seed(0)
+
+    def examples(n: int) -> list[tuple[list[int], int]]:
+        out = []
+        for _ in range(n):
+            length = int(torch.randint(8, 25, (1,), generator=generator))
+            ids = torch.randint(4, 64, (length,), generator=generator)
+            label = int(torch.rand(1, generator=generator) < 0.13)
+            if label:
+                spam = torch.rand(length, generator=generator) < 0.25
+                ids = torch.where(spam, torch.randint(4, 12, (length,), generator=generator), ids)
+            out.append((ids.tolist(), label))
+        return out
+
+    train_set, test_set = examples(6400), examples(2000)  # the test set keeps the real mix
+    test_ids, test_lengths, test_labels = collate(test_set, pad_id=0)
+    cfg = GPTConfig(**(TINY.to_dict() | dict(vocab_size=64)))
+
+    def scores(label: str, n_train: str, predicted: torch.Tensor) -> list[str]:
+        matrix = confusion_matrix(predicted, test_labels, 2)  # matrix[true][predicted]
+        recall = [matrix[c][c] / sum(matrix[c]) for c in (0, 1)]
+        accuracy = (predicted == test_labels).float().mean().item()
+        return [label, n_train] + [f"{100 * x:.1f}%" for x in (accuracy, *recall, np.mean(recall))]
+
+    rows = [scores("always class 0 (no model)", "none", torch.zeros_like(test_labels))]
+    for label, train_rows in (
+        ("trained on the data as it comes", train_set),
+        ("trained on balanced data", balance(train_set, seed=0)),
+    ):
+        torch.manual_seed(0)
+        model = make_classifier(GPTModel(cfg), 2)
+        optimizer = adamw(model, 1e-3, weight_decay=0.1)
+        order = torch.Generator().manual_seed(0)
+        model.train()
+        for _ in range(2):  # epochs
+            for group in minibatches(train_rows, 32, order):
+                ids, lengths, labels = collate(group, pad_id=0)
+                loss = nn.functional.cross_entropy(last_token_logits(model(ids), lengths), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            predicted = last_token_logits(model(test_ids), test_lengths).argmax(-1)
+        rows.append(scores(label, str(len(train_rows)), predicted))
+    share = test_labels.float().mean().item()
+    return table(
+        [
+            "",
+            "training texts",
+            "test accuracy",
+            f"recall, class 0 ({100 * (1 - share):.0f}% of the test set)",
+            f"recall, class 1 ({100 * share:.0f}%)",
+            "balanced accuracy (mean recall)",
+        ],
+        rows,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Instruction finetuning: the end-of-text target
+
+
+def no_eot_target() -> str:
+    """Train the copy task with the end-of-text target kept or set to -100; generate greedily."""
+    from src.generate import generate
+    from src.instruct import IGNORE_INDEX, collate
+
+    train_set, test_set = _copy_task()
+    limit = 40  # new tokens at most: twice the longest response
+    by_prompt_length: dict[int, list[list[int]]] = {}  # generate() takes equal-length prompts
+    for ids, prompt_length in test_set:
+        by_prompt_length.setdefault(prompt_length, []).append(ids)
+    rows = []
+    for label, mask_eot in (
+        ("end-of-text target kept (as built)", False),
+        ("end-of-text target = -100", True),
+    ):
+        batches = []
+        for start in range(0, len(train_set), 16):
+            inputs, targets = collate(train_set[start : start + 16], pad_id=0, mask_prompt=True)
+            if mask_eot:
+                targets[targets == 0] = IGNORE_INDEX  # 0 is a target only where a response ends
+            batches.append((inputs, targets))
+        model, _ = _train_copy(batches)
+        stopped, lengths, target_lengths, right_length, exact = [], [], [], [], []
+        for prompt_length, group in by_prompt_length.items():
+            prompts = torch.tensor([ids[:prompt_length] for ids in group])  # (B, prompt_length)
+            out = generate(model, prompts, limit, model.cfg.context_length, eos_id=0)
+            for ids, new in zip(group, out[:, prompt_length:].tolist(), strict=True):
+                target = ids[prompt_length:-1]  # the response without its end-of-text
+                response = new[: new.index(0)] if 0 in new else new  # cut at end-of-text
+                stopped.append(0 in new)
+                lengths.append(len(response))
+                target_lengths.append(len(target))
+                right_length.append(len(response) == len(target))
+                exact.append(response == target)
+        rows.append(
+            [
+                label,
+                f"{100 * np.mean(stopped):.1f}%",
+                f"{np.mean(lengths):.1f}",
+                f"{100 * np.mean(right_length):.1f}%",
+                f"{100 * np.mean(exact):.1f}%",
+            ]
+        )
+    return table(
+        [
+            "",
+            f"responses that emit end-of-text (limit: {limit} new tokens)",
+            f"mean response length, tokens (target: {np.mean(target_lengths):.1f})",
+            "responses of the target length",
+            "responses exactly right",
+        ],
+        rows,
+    )
+
+
 EXPERIMENTS: dict[str, Callable[[], str]] = {
     "no-causal-mask": no_causal_mask,
     "no-scale": no_scale,
@@ -917,6 +1064,8 @@ EXPERIMENTS: dict[str, Callable[[], str]] = {
     "per-token-decoding": per_token_decoding,
     "overfitting": overfitting,
     "duplicated-data": duplicated_data,
+    "imbalanced-classes": imbalanced_classes,
+    "no-eot-target": no_eot_target,
 }
 
 
