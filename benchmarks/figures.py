@@ -19,20 +19,33 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "assets" / "diagrams"
 BOX_W, BOX_H, ROW_STEP, COL_STEP = 2.6, 0.62, 1.1, 2.9
-COLORS = {"data": "#e3f2fd", "op": "#fff3e0", "param": "#e8f5e9", "note": "#f3e5f5"}
+# Trained parameters are green; "frozen" is for parameters that exist but do not train.
+COLORS = {
+    "data": "#e3f2fd",
+    "op": "#fff3e0",
+    "param": "#e8f5e9",
+    "frozen": "#eceff1",
+    "note": "#f3e5f5",
+}
 
 
 @dataclass(frozen=True)
 class Box:
     text: str  # a second line usually gives the tensor's shape
-    kind: str  # a key of COLORS: data, op, param or note
+    kind: str  # a key of COLORS: data, op, param, frozen or note
     row: float
     col: float
+    width: float = BOX_W  # wider for a long line
 
 
-def draw(boxes: dict[str, Box], edges: list[tuple[str, str]], path: Path) -> None:
+# An arrow from box a to box b, optionally with a label beside its middle: (a, b) or (a, b, label).
+Edge = tuple[str, str] | tuple[str, str, str]
+
+
+def draw(boxes: dict[str, Box], edges: list[Edge], path: Path) -> None:
     """Draw the boxes on their grid and an arrow from the bottom of ``a`` to the top of ``b`` for
-    every edge ``(a, b)``."""
+    every edge ``(a, b)``; an edge ``(a, b, label)`` also writes ``label`` to the right of the
+    arrow's middle."""
     n_rows = max(b.row for b in boxes.values()) + 1
     n_cols = max(b.col for b in boxes.values()) + 1
     fig_w, fig_h = n_cols * COL_STEP, n_rows * ROW_STEP
@@ -48,8 +61,8 @@ def draw(boxes: dict[str, Box], edges: list[tuple[str, str]], path: Path) -> Non
         x, y = centre(box)
         ax.add_patch(
             FancyBboxPatch(
-                (x - BOX_W / 2, y - BOX_H / 2),
-                BOX_W,
+                (x - box.width / 2, y - BOX_H / 2),
+                box.width,
                 BOX_H,
                 boxstyle="round,pad=0.02,rounding_size=0.08",
                 facecolor=COLORS[box.kind],
@@ -58,7 +71,7 @@ def draw(boxes: dict[str, Box], edges: list[tuple[str, str]], path: Path) -> Non
             )
         )
         ax.text(x, y, box.text, ha="center", va="center", fontsize=9, family="monospace")
-    for a, b in edges:
+    for a, b, *label in edges:
         (xa, ya), (xb, yb) = centre(boxes[a]), centre(boxes[b])
         ax.add_patch(
             FancyArrowPatch(
@@ -70,6 +83,9 @@ def draw(boxes: dict[str, Box], edges: list[tuple[str, str]], path: Path) -> Non
                 linewidth=1.0,
             )
         )
+        if label:
+            x, y = (xa + xb) / 2 + 0.1, (ya + yb) / 2
+            ax.text(x, y, label[0], ha="left", va="center", fontsize=8, family="monospace")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Fixed metadata and hash salt: regenerating an unchanged diagram gives the same bytes.
     plt.rcParams["svg.hashsalt"] = "gpt-from-scratch"
@@ -77,12 +93,12 @@ def draw(boxes: dict[str, Box], edges: list[tuple[str, str]], path: Path) -> Non
     plt.close(fig)
 
 
-def chain(*names: str) -> list[tuple[str, str]]:
+def chain(*names: str) -> list[Edge]:
     """Edges a -> b -> c -> ... along a straight path."""
     return list(zip(names, names[1:], strict=False))
 
 
-DIAGRAMS: dict[str, tuple[dict[str, Box], list[tuple[str, str]]]] = {
+DIAGRAMS: dict[str, tuple[dict[str, Box], list[Edge]]] = {
     "attention": (
         {
             "x": Box("x\n(B, T, d_in)", "data", 0, 1),
@@ -133,6 +149,67 @@ DIAGRAMS: dict[str, tuple[dict[str, Box], list[tuple[str, str]]]] = {
         + [("file", "train"), ("file", "val")]
         + chain("train", "tw", "tb")
         + chain("val", "vw", "vb"),
+    ),
+    # One generation step of one attention layer; start = kv_cache.length, the tokens cached so far.
+    "kv-cache": (
+        {
+            "with": Box("with the cache", "note", 0, 0.5),
+            "without": Box("without the cache", "note", 0, 2),
+            "x": Box("x, newest token only\n(B, 1, d_in)", "data", 1, 1),
+            "cache": Box("kv_cache.k, kv_cache.v\n(B, H, start, hd)", "data", 2, 0, 2.8),
+            "qkv": Box("q, k, v of the new token\n(B, H, 1, hd)", "data", 2, 1),
+            "append": Box("kv_cache.append(k, v)\n(B, H, start+1, hd)", "op", 3, 0.5),
+            "attend": Box("attend_cached: weights\n(B, H, 1, start+1)", "op", 4, 1),
+            "context": Box("context\n(B, H, 1, hd)", "data", 5, 1),
+            "full_x": Box("x, every token\n(B, start+1, d_in)", "data", 1, 2),
+            "full_qkv": Box("q, k, v of every token\n(B, H, start+1, hd)", "data", 2, 2),
+            "full_attend": Box("attend: weights\n(B, H, start+1, start+1)", "op", 4, 2),
+            "full_context": Box("context\n(B, H, start+1, hd)", "data", 5, 2),
+            "kept": Box("kv_cache now holds\nstart+1 positions", "note", 6, 1),
+            "redone": Box("rows 0..start-1 redo\nthe previous step", "note", 6, 2),
+        },
+        [("cache", "append"), ("qkv", "append"), ("qkv", "attend", "q")]
+        + [("x", "qkv"), ("append", "attend")]
+        + chain("attend", "context")
+        + chain("full_x", "full_qkv", "full_attend", "full_context"),
+    ),
+    # Scores each operation reads from and writes to memory, in N = B·H·T² scores. out-of-place
+    # masked_fill is a clone and then an in-place masked_fill_ (the profiler lists both); softmax
+    # visits a row several times, but the row stays in cache, so it reads N once and writes N once.
+    # Plain: 3 N read + 3 N + B·H·T(T-1)/2 written, about 6.5 N. Fused: about N/2 + N = 1.5 N.
+    "softmax-traffic": (
+        {
+            "plain": Box("plain path: causal_softmax", "note", 0, 0, 2.8),
+            "fused": Box("fused path: one kernel", "note", 0, 1, 2.8),
+            "scores": Box("scores\n(B, H, T, T)", "data", 1, 0),
+            "mul": Box("scores * scale\nread N, write N", "op", 2, 0),
+            "clone": Box("masked_fill: clone\nread N, write N", "op", 3, 0),
+            "fill": Box("masked_fill_: -inf\nwrite B·H·T(T-1)/2", "op", 4, 0),
+            "softmax": Box("torch.softmax\nread N, write N", "op", 5, 0),
+            "weights": Box("weights\n(B, H, T, T)", "data", 6, 0),
+            "total": Box("about 6.5 N in all:\n26 bytes a score", "note", 7, 0),
+            "f_scores": Box("scores\n(B, H, T, T)", "data", 1, 1),
+            "kernel": Box("fused_causal_softmax\nread B·H·T(T+1)/2, write N", "op", 3.5, 1, 2.8),
+            "f_weights": Box("weights\n(B, H, T, T)", "data", 6, 1),
+            "f_total": Box("about 1.5 N in all:\n6 bytes a score", "note", 7, 1),
+            "N": Box("N = B·H·T² scores of 4 bytes (float32)", "note", 8, 0.5, 5.6),
+        },
+        chain("scores", "mul", "clone", "fill", "softmax", "weights")
+        + [("f_scores", "kernel", "row i: read columns 0..i")]
+        + [("kernel", "f_weights", "write every score once")],
+    ),
+    # LoRALinear.forward; the code scales the rank-wide product, before lora_B, as drawn here.
+    "lora": (
+        {
+            "x": Box("x\n(..., in)", "data", 0, 0.5),
+            "base": Box("base.weight (out, in)\nfrozen", "frozen", 1, 0),
+            "A": Box("lora_A (rank, in)\ntrained, random start", "param", 1, 1),
+            "scale": Box("* scaling\nscaling = alpha / rank", "op", 2, 1),
+            "B": Box("lora_B (out, rank)\ntrained, starts at zero", "param", 3, 1),
+            "sum": Box("base(x) + update\n(..., out)", "op", 4, 0.5),
+        },
+        [("x", "base"), ("x", "A"), ("A", "scale", "(..., rank)"), ("scale", "B", "(..., rank)")]
+        + [("base", "sum", "base(x)\n(..., out)"), ("B", "sum")],
     ),
 }
 
