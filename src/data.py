@@ -143,8 +143,9 @@ def train_tokenizer_cached(
         return BPETokenizer.load(path)
     tokenizer = BPETokenizer.train(corpus.text, vocab_size, special_tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")  # ranks of one run may race here
+    tokenizer.save(tmp)
+    tmp.replace(path)
     return tokenizer
 
 

@@ -23,6 +23,7 @@ Run it on a trained checkpoint, or on OpenAI's GPT-2 weights::
 """
 
 import argparse
+import codecs
 import sys
 import time
 from collections.abc import Iterator
@@ -210,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     idx = torch.tensor([ids[-context_length:]], device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     print(args.prompt, end="", flush=True)
-    start, n, pending = time.perf_counter(), 0, []
+    # Tokens arrive one at a time, and a character can span two of them: an incremental UTF-8
+    # decoder holds back an unfinished character until its last byte arrives.
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    start, n = time.perf_counter(), 0
     for token in stream(
         model, idx, args.max_new_tokens, context_length, args.temperature, args.top_k,
         args.top_p, tokenizer.eot_token, generator, use_cache=not args.no_kv_cache,
@@ -218,12 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         n += 1
         if token.item() == tokenizer.eot_token:
             break
-        # A multi-byte character can span tokens: print once the bytes decode cleanly.
-        pending.append(token.item())
-        text = tokenizer.decode(pending)
-        if "\ufffd" not in text:
-            print(text, end="", flush=True)
-            pending = []
+        print(utf8.decode(tokenizer.decode_bytes([token.item()])), end="", flush=True)
+    print(utf8.decode(b"", final=True), end="")  # an unfinished character at the end: U+FFFD
     seconds = time.perf_counter() - start
     cache = "off" if args.no_kv_cache else "on"
     print(f"\n\n[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s, KV cache {cache}]",

@@ -280,7 +280,12 @@ class BPETokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``. A slice of ids can end inside a multi-byte character; its bytes are not
         valid UTF-8 and become U+FFFD, as in tiktoken."""
-        return b"".join(self._decoder[i] for i in ids).decode("utf-8", errors="replace")
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The raw bytes of ``ids``: what a stream of tokens must be decoded from, since one token
+        can hold part of a character."""
+        return b"".join(self._decoder[i] for i in ids)
 
     # --8<-- [end:decode]
 

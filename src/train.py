@@ -430,7 +430,7 @@ def train(args) -> dict:
         print(
             f"{args.preset}: {count_parameters(raw_model):,} parameters, context "
             f"{cfg.context_length}, attention {cfg.attn_impl}, {device}, {args.dtype}, "
-            f"{world_size} process(es), {torch.get_num_threads()} threads\n"
+            f"{world_size} process(es), {torch.get_num_threads()} thread(s)\n"
             f"data: {corpus.name}, {len(train_tokens):,} training / {len(val_tokens):,} "
             f"validation tokens, {n_train // args.batch_size} steps per epoch; "
             f"{'resuming at step ' + str(step) if meta else 'starting'} -> step {max_steps}",

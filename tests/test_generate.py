@@ -165,3 +165,20 @@ def test_cli_errors_are_one_line(tmp_path, checkpoint):
     ]:
         res = run_generate(*args)
         assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_prints_characters_split_across_tokens_and_survives_invalid_bytes(
+    checkpoint, monkeypatch, capsys
+):
+    from src import generate as cli
+    from src.training import load_model
+
+    _, tokenizer, _ = load_model(checkpoint, torch.device("cpu"))
+    byte_id = {tokenizer.decode_bytes([i]): i for i in range(256, -1, -1) if i < tokenizer.n_vocab}
+    # "é" split over two tokens, a lone continuation byte that no character can use, text after
+    # it, and a character cut off by the end of generation.
+    pieces = [b"\xc3", b"\xa9", b"\x94", b"o", b"k", b"\xe2", b"\x82"]
+    ids = [byte_id[p] for p in pieces]
+    monkeypatch.setattr(cli, "stream", lambda *args, **kw: iter(torch.tensor(ids)))
+    assert cli.main(["--checkpoint", str(checkpoint), "--prompt", "x"]) == 0
+    assert capsys.readouterr().out == "x\u00e9\ufffdok\ufffd"
