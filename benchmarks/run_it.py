@@ -193,10 +193,10 @@ def captured(demo: Callable[[], None]) -> str:
 # ---------------------------------------------------------------------------------------------
 # Command chapters: the real command line, run as a subprocess.
 
+# --8<-- [start:keyword_data]
 WORDS = "red blue green cat dog sun moon tree car road sky sea".split()
 
 
-# --8<-- [start:keyword_data]
 def write_keyword_data(folder: Path) -> None:
     """400 short texts of random words; half hold the word "apple", and are labelled yes."""
     rng = random.Random(0)
@@ -208,7 +208,7 @@ def write_keyword_data(folder: Path) -> None:
         rows.append((" ".join(words), "yes" if i % 2 else "no"))
     with open(folder / "keyword.csv", "w", newline="") as f:
         csv.writer(f).writerows([("text", "label"), *rows])
-    # A tokenizer for these words: GPT-2's would do, but it is a download.
+    # A tokenizer trained on these texts: GPT-2's would do too, but it needs a download.
     BPETokenizer.train(" ".join(text for text, _ in rows), vocab_size=280).save(
         folder / "tokenizer.json"
     )
