@@ -60,13 +60,12 @@ OUT = REPO / "docs" / "assets" / "run-it"
 def tokens() -> None:
     """Train the BPE of the default run, encode a sentence, and decode it back."""
     corpus = load_corpus()
-    print(
-        f"corpus: {corpus.name}, {len(corpus.text):,} characters, sha256 {corpus.fingerprint[:16]}"
-    )
+    print(f"corpus: {corpus.name}, {len(corpus.text):,} characters")
+    print(f"corpus sha256 {corpus.fingerprint[:16]}")
     tokenizer = train_tokenizer_cached(corpus, 8192, default_cache_dir())  # cached after one run
     merges = len(tokenizer.mergeable_ranks) - 256
-    print(f"vocabulary: {tokenizer.n_vocab:,} = 256 bytes + {merges:,} merges + 1 special token")
-    print("first merges learned:", [tokenizer.decode([rank]) for rank in range(256, 266)])
+    print(f"vocabulary: {tokenizer.n_vocab:,} = 256 bytes + {merges:,} merges + 1 special")
+    print("first merges:", [tokenizer.decode([rank]) for rank in range(256, 266)])
 
     text = 'The tokenizer splits "unfathomable" into pieces it knows.'
     ids = tokenizer.encode(text)
@@ -75,10 +74,8 @@ def tokens() -> None:
         print(f"{i:5d}  {tokenizer.decode([i])!r}")
     print("\ndecode(encode(text)) == text:", tokenizer.decode(ids) == text)
     everything = tokenize_cached(corpus, tokenizer, default_cache_dir())
-    print(
-        f"characters per token: {len(text) / len(ids):.2f} in this sentence, "
-        f"{len(corpus.text) / len(everything):.2f} over the whole corpus"
-    )
+    ratios = len(text) / len(ids), len(corpus.text) / len(everything)
+    print("characters per token: {:.2f} in this sentence, {:.2f} in the corpus".format(*ratios))
 
 
 # --8<-- [end:tokens]
@@ -90,26 +87,27 @@ def batches() -> None:
     corpus = load_corpus()
     tokenizer = train_tokenizer_cached(corpus, 8192, default_cache_dir())
     tokens = tokenize_cached(corpus, tokenizer, default_cache_dir())
-    print(
-        f"corpus: {corpus.name}, {len(corpus.text):,} characters, sha256 {corpus.fingerprint[:16]}"
-    )
-    print(
-        f"tokens: {len(tokens):,} ({tokens.dtype}), {len(corpus.text) / len(tokens):.2f} characters each"
-    )
+    print(f"corpus: {corpus.name}, {len(corpus.text):,} characters")
+    print(f"corpus sha256 {corpus.fingerprint[:16]}")
+    print(f"tokens: {len(tokens):,} ({tokens.dtype})")
     train, val = split_tokens(tokens, val_fraction=0.1)
-    print(f"split by position: {len(train):,} training tokens, then {len(val):,} validation tokens")
+    print(f"split by position: {len(train):,} training, then {len(val):,} validation tokens")
 
     generator = torch.Generator().manual_seed(0)
-    loader = create_dataloader(train, batch_size=2, context_length=8, stride=8, generator=generator)
+    loader = create_dataloader(train, 2, context_length=8, stride=8, generator=generator)
     print(f"windows of 8 tokens: {len(loader.dataset):,}, in {len(loader):,} batches of 2")
     x, y = next(iter(loader))  # (2, 8) inputs, (2, 8) targets
     print(f"one batch: inputs {tuple(x.shape)}, targets {tuple(y.shape)}")
+
+    def piece(i: int) -> str:
+        return f"{i:5d} {tokenizer.decode([i])!r:12}"  # the id and its text
+
     for row in range(2):
         print(f"\nsequence {row}  input  {tokenizer.decode(x[row].tolist())!r}")
         print(f"            target {tokenizer.decode(y[row].tolist())!r}")
+        print("  t  input                target")
         for t in range(8):
-            i, j = x[row, t].item(), y[row, t].item()
-            print(f"  {t}  {i:5d} {tokenizer.decode([i])!r:12} -> {j:5d} {tokenizer.decode([j])!r}")
+            print(f"  {t}  {piece(x[row, t].item())} -> {piece(y[row, t].item())}")
 
 
 # --8<-- [end:batches]
@@ -117,22 +115,23 @@ def batches() -> None:
 
 # --8<-- [start:attention]
 def attention() -> None:
-    """One attention layer on six tokens: one head's weights, and the three paths side by side."""
+    """One attention layer on six tokens: a head's weights, and the three paths side by side."""
     words = ["The", " cat", " sat", " on", " the", " mat"]
-    T, d, H = len(words), 16, 2
-    x = torch.randn(1, T, d)  # random stand-ins for the six tokens' embeddings  (B, T, d)
-    mha = MultiHeadAttention(d_in=d, d_out=d, context_length=T, n_heads=H, attn_impl="eager")
+    T, d, H = len(words), 16, 2  # tokens, width, heads
+    x = torch.randn(1, T, d)  # random stand-ins for the tokens' embeddings  (B, T, d)
+    mha = MultiHeadAttention(d, d, context_length=T, n_heads=H, attn_impl="eager")
 
     # Head 0's weights, computed as attend() computes them.
-    q = mha.W_query(x).view(1, T, H, d // H).transpose(1, 2)  # (B, H, T, hd)
-    k = mha.W_key(x).view(1, T, H, d // H).transpose(1, 2)  # (B, H, T, hd)
     with torch.no_grad():
-        weights = causal_softmax(q @ k.transpose(-2, -1), (d // H) ** -0.5, mha.mask[:T, :T])
-    print("attention weights of head 0 (row: the query token; columns: the tokens it sees)")
+        q = mha.W_query(x).view(1, T, H, d // H).transpose(1, 2)  # (B, H, T, hd)
+        k = mha.W_key(x).view(1, T, H, d // H).transpose(1, 2)  # (B, H, T, hd)
+        scores = q @ k.transpose(-2, -1)  # (B, H, T, T)
+        weights = causal_softmax(scores, (d // H) ** -0.5, mha.mask[:T, :T])
+    print("head 0's weights (row: a query token; columns: the tokens it sees)")
     print(" " * 7 + "".join(f"{w!r:>8}" for w in words) + "   row sum")
-    for t, row in enumerate(weights[0, 0]):
-        cells = "".join(f"{w:8.3f}" if s <= t else f"{'':8}" for s, w in enumerate(row.tolist()))
-        print(f"{words[t]!r:>7}{cells}{row.sum():10.3f}")
+    for t, row in enumerate(weights[0, 0].tolist()):
+        cells = "".join(f"{w:8.3f}" if s <= t else " " * 8 for s, w in enumerate(row))
+        print(f"{words[t]!r:>7}{cells}{sum(row):10.3f}")
 
     with torch.no_grad():
         out = mha(x)
@@ -142,8 +141,8 @@ def attention() -> None:
             other.load_state_dict(mha.state_dict())  # the same weights, another path
             difference = (other(x) - out).abs().max().item()
             print(f"max |{impl} - eager| = {difference:.1e}")
-    reason = fused_softmax.unavailable_reason()
-    print("fused ran:", "our kernel" if reason is None else f"the eager fallback ({reason})")
+    reason = fused_softmax.unavailable_reason()  # None once our kernel is built and loaded
+    print("fused path:", f"the eager fallback ({reason})" if reason else "our kernel")
 
 
 # --8<-- [end:attention]
@@ -151,29 +150,24 @@ def attention() -> None:
 
 # --8<-- [start:model]
 def model() -> None:
-    """Every preset's size, and what an untrained model's loss is."""
-    print(f"{'':27}{'parameters':^30}{'fp32 MB':^15}")
-    print(
-        f"{'preset':12}{'layers':>7}{'emb_dim':>8}{'untied':>15}{'tied':>15}{'untied':>8}{'tied':>7}"
-    )
+    """Every preset's size, and an untrained model's loss."""
+    line = "{:12}{:>7}{:>8}{:>15}{:>15}{:>9}{:>9}".format
+    print(line("preset", "layers", "emb_dim", "parameters", "if tied", "fp32 MB", "if tied"))
     for name, cfg in PRESETS.items():
-        counts = []
-        for tie in (False, True):
-            with torch.device("meta"):  # shapes without storage: even gpt2-xl builds instantly
-                net = GPTModel(GPTConfig.from_preset(name, tie_weights=tie))
-            counts.append(count_parameters(net))
-        print(
-            f"{name:12}{cfg.n_layers:7d}{cfg.emb_dim:8d}{counts[0]:15,}{counts[1]:15,}"
-            f"{4 * counts[0] / 1e6:8,.0f}{4 * counts[1] / 1e6:7,.0f}"
-        )
+        with torch.device("meta"):  # shapes without storage: even gpt2-xl builds at once
+            models = [GPTModel(GPTConfig.from_preset(name, tie_weights=t)) for t in (False, True)]
+        counts = [count_parameters(m) for m in models]
+        sizes = [f"{4 * n / 1e6:,.0f}" for n in counts]  # 4 bytes per float32 parameter
+        print(line(name, cfg.n_layers, cfg.emb_dim, *(f"{n:,}" for n in counts), *sizes))
 
-    print("\nan untrained model guesses almost uniformly: its loss is close to ln(vocab_size)")
+    print("\nan untrained model guesses almost uniformly: its loss is near ln(vocab_size)")
     for name in ("cpu-tiny", "cpu-small"):
         cfg = GPTConfig.from_preset(name)
         net = GPTModel(cfg).eval()
-        ids = torch.randint(cfg.vocab_size, (4, cfg.context_length))  # (B, T) random token ids
+        ids = torch.randint(cfg.vocab_size, (4, cfg.context_length))  # (B, T) random tokens
         with torch.no_grad():
-            loss = cross_entropy(net(ids)[:, :-1], ids[:, 1:]).item()
+            logits = net(ids)  # (B, T, vocab_size)
+        loss = cross_entropy(logits[:, :-1], ids[:, 1:]).item()  # next-token targets
         print(f"{name:10} loss {loss:.3f}   ln({cfg.vocab_size}) = {math.log(cfg.vocab_size):.3f}")
 
 
