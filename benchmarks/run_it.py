@@ -1,0 +1,358 @@
+"""The book's "Run it" outputs: what each chapter's code prints when you run it.
+
+The library chapters (tokens, batches, attention, the model) have no command line of their own, so
+this script holds one short demo per chapter; the page embeds the demo's code by name and then its
+output. The chapters with a command (classification, scaling out) get the real command, run as a
+subprocess; the page shows the command line and what it printed. Either way the output is written to
+``docs/assets/run-it/<chapter>.md``, which the page includes unchanged:
+
+    uv run python benchmarks/run_it.py                # every chapter, about a minute on a laptop CPU
+    uv run python benchmarks/run_it.py tokens model   # some
+
+The outputs repeat exactly from run to run: fixed seeds, one thread, and nothing that depends on the
+moment or the machine's folders (the commands' timings become "…", temporary folders are dropped from
+paths, the home folder is written ``~``). ``tests/test_run_it.py`` regenerates them and requires the
+committed files.
+"""
+
+import argparse
+import contextlib
+import csv
+import io
+import math
+import os
+import random
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+from src import fused_softmax
+from src.attention import MultiHeadAttention, causal_softmax
+from src.data import (
+    create_dataloader,
+    default_cache_dir,
+    load_corpus,
+    split_tokens,
+    tokenize_cached,
+    train_tokenizer_cached,
+)
+from src.model import PRESETS, GPTConfig, GPTModel, count_parameters
+from src.tokenizer import BPETokenizer
+from src.training import cross_entropy
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "docs" / "assets" / "run-it"
+
+
+# ---------------------------------------------------------------------------------------------
+# Library chapters: a demo each, run in this process; what it prints is the output.
+
+
+# --8<-- [start:tokens]
+def tokens() -> None:
+    """Train the BPE of the default run, encode a sentence, and decode it back."""
+    corpus = load_corpus()
+    print(f"corpus: {corpus.name}, {len(corpus.text):,} characters")
+    print(f"corpus sha256 {corpus.fingerprint[:16]}")
+    tokenizer = train_tokenizer_cached(corpus, 8192, default_cache_dir())  # cached after one run
+    merges = len(tokenizer.mergeable_ranks) - 256
+    print(f"vocabulary: {tokenizer.n_vocab:,} = 256 bytes + {merges:,} merges + 1 special")
+    print("first merges:", [tokenizer.decode([rank]) for rank in range(256, 266)])
+
+    text = 'The tokenizer splits "unfathomable" into pieces it knows.'
+    ids = tokenizer.encode(text)
+    print(f"\n{text}\n\n   id  piece")
+    for i in ids:
+        print(f"{i:5d}  {tokenizer.decode([i])!r}")
+    print("\ndecode(encode(text)) == text:", tokenizer.decode(ids) == text)
+    everything = tokenize_cached(corpus, tokenizer, default_cache_dir())
+    ratios = len(text) / len(ids), len(corpus.text) / len(everything)
+    print("characters per token: {:.2f} in this sentence, {:.2f} in the corpus".format(*ratios))
+
+
+# --8<-- [end:tokens]
+
+
+# --8<-- [start:batches]
+def batches() -> None:
+    """The default corpus as token ids, split by position, and one batch of inputs and targets."""
+    corpus = load_corpus()
+    tokenizer = train_tokenizer_cached(corpus, 8192, default_cache_dir())
+    tokens = tokenize_cached(corpus, tokenizer, default_cache_dir())
+    print(f"corpus: {corpus.name}, {len(corpus.text):,} characters")
+    print(f"corpus sha256 {corpus.fingerprint[:16]}")
+    print(f"tokens: {len(tokens):,} ({tokens.dtype})")
+    train, val = split_tokens(tokens, val_fraction=0.1)
+    print(f"split by position: {len(train):,} training, then {len(val):,} validation tokens")
+
+    generator = torch.Generator().manual_seed(0)
+    loader = create_dataloader(train, 2, context_length=8, stride=8, generator=generator)
+    print(f"windows of 8 tokens: {len(loader.dataset):,}, in {len(loader):,} batches of 2")
+    x, y = next(iter(loader))  # (2, 8) inputs, (2, 8) targets
+    print(f"one batch: inputs {tuple(x.shape)}, targets {tuple(y.shape)}")
+
+    def piece(i: int) -> str:
+        return f"{i:5d} {tokenizer.decode([i])!r:12}"  # the id and its text
+
+    for row in range(2):
+        print(f"\nsequence {row}  input  {tokenizer.decode(x[row].tolist())!r}")
+        print(f"            target {tokenizer.decode(y[row].tolist())!r}")
+        print("  t  input                target")
+        for t in range(8):
+            print(f"  {t}  {piece(x[row, t].item())} -> {piece(y[row, t].item())}")
+
+
+# --8<-- [end:batches]
+
+
+# --8<-- [start:attention]
+def attention() -> None:
+    """One attention layer on six tokens: a head's weights, and the three paths side by side."""
+    words = ["The", " cat", " sat", " on", " the", " mat"]
+    T, d, H = len(words), 16, 2  # tokens, width, heads
+    x = torch.randn(1, T, d)  # random stand-ins for the tokens' embeddings  (B, T, d)
+    mha = MultiHeadAttention(d, d, context_length=T, n_heads=H, attn_impl="eager")
+
+    # Head 0's weights, computed as attend() computes them.
+    with torch.no_grad():
+        q = mha.W_query(x).view(1, T, H, d // H).transpose(1, 2)  # (B, H, T, hd)
+        k = mha.W_key(x).view(1, T, H, d // H).transpose(1, 2)  # (B, H, T, hd)
+        scores = q @ k.transpose(-2, -1)  # (B, H, T, T)
+        weights = causal_softmax(scores, (d // H) ** -0.5, mha.mask[:T, :T])
+    print("head 0's weights (row: a query token; columns: the tokens it sees)")
+    print(" " * 7 + "".join(f"{w!r:>8}" for w in words) + "   row sum")
+    for t, row in enumerate(weights[0, 0].tolist()):
+        cells = "".join(f"{w:8.3f}" if s <= t else " " * 8 for s, w in enumerate(row))
+        print(f"{words[t]!r:>7}{cells}{sum(row):10.3f}")
+
+    with torch.no_grad():
+        out = mha(x)
+        print(f"\noutput: {tuple(out.shape)}, the input's shape (B, T, d)")
+        for impl in ("sdpa", "fused"):
+            other = MultiHeadAttention(d, d, T, H, attn_impl=impl)
+            other.load_state_dict(mha.state_dict())  # the same weights, another path
+            difference = (other(x) - out).abs().max().item()
+            print(f"max |{impl} - eager| = {difference:.1e}")
+    reason = fused_softmax.unavailable_reason()  # None once our kernel is built and loaded
+    print("fused path:", f"the eager fallback ({reason})" if reason else "our kernel")
+
+
+# --8<-- [end:attention]
+
+
+# --8<-- [start:model]
+def model() -> None:
+    """Every preset's size, and an untrained model's loss."""
+    line = "{:12}{:>7}{:>8}{:>15}{:>15}{:>9}{:>9}".format
+    print(line("preset", "layers", "emb_dim", "parameters", "if tied", "fp32 MB", "if tied"))
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):  # shapes without storage: even gpt2-xl builds at once
+            models = [GPTModel(GPTConfig.from_preset(name, tie_weights=t)) for t in (False, True)]
+        counts = [count_parameters(m) for m in models]
+        sizes = [f"{4 * n / 1e6:,.0f}" for n in counts]  # 4 bytes per float32 parameter
+        print(line(name, cfg.n_layers, cfg.emb_dim, *(f"{n:,}" for n in counts), *sizes))
+
+    print("\nan untrained model guesses almost uniformly: its loss is near ln(vocab_size)")
+    for name in ("cpu-tiny", "cpu-small"):
+        cfg = GPTConfig.from_preset(name)
+        net = GPTModel(cfg).eval()
+        ids = torch.randint(cfg.vocab_size, (4, cfg.context_length))  # (B, T) random tokens
+        with torch.no_grad():
+            logits = net(ids)  # (B, T, vocab_size)
+        loss = cross_entropy(logits[:, :-1], ids[:, 1:]).item()  # next-token targets
+        print(f"{name:10} loss {loss:.3f}   ln({cfg.vocab_size}) = {math.log(cfg.vocab_size):.3f}")
+
+
+# --8<-- [end:model]
+
+
+def captured(demo: Callable[[], None]) -> str:
+    """What ``demo`` prints, run from the same seed and on one thread every time."""
+    torch.manual_seed(0)
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        demo()
+    lines = [line.rstrip() for line in buffer.getvalue().splitlines()]  # no trailing blanks
+    return "```text\n" + "\n".join(lines) + "\n```\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command chapters: the real command line, run as a subprocess.
+
+# --8<-- [start:keyword_data]
+WORDS = "red blue green cat dog sun moon tree car road sky sea".split()
+
+
+def write_keyword_data(folder: Path) -> None:
+    """400 short texts of random words; half hold the word "apple", and are labelled yes."""
+    rng = random.Random(0)
+    rows = []
+    for i in range(400):
+        words = rng.choices(WORDS, k=rng.randint(4, 9))
+        if i % 2:
+            words.insert(rng.randrange(len(words) + 1), "apple")
+        rows.append((" ".join(words), "yes" if i % 2 else "no"))
+    with open(folder / "keyword.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *rows])
+    # A tokenizer trained on these texts: GPT-2's would do too, but it needs a download.
+    BPETokenizer.train(" ".join(text for text, _ in rows), vocab_size=280).save(
+        folder / "tokenizer.json"
+    )
+
+
+# --8<-- [end:keyword_data]
+
+
+def classification(tmp: Path) -> str:
+    write_keyword_data(tmp)
+    head = (tmp / "keyword.csv").read_text().splitlines()[:5]
+    out = str(tmp / "runs" / "keyword")
+    train = [
+        "-m", "src.classify", "--data", str(tmp / "keyword.csv"), "--preset", "cpu-tiny",
+        "--tokenizer", str(tmp / "tokenizer.json"), "--trainable", "all", "--epochs", "6",
+        "--batch-size", "16", "--lr", "3e-3", "--split", "0.7,0.2,0.1", "--device", "cpu",
+        "--out-dir", out,
+    ]  # fmt: skip
+    predict = ["-m", "src.classify", "--out-dir", out, "--device", "cpu"]
+    for text in ("sun apple road", "sun moon road", "red car by the sea", "a red car by the sea"):
+        predict += ["--predict", text]
+    return (
+        "```text\n$ head -5 keyword.csv\n"
+        + "\n".join(head)
+        + "\n"
+        + command([sys.executable, *train], tmp)
+        + command([sys.executable, *predict], tmp)
+        + "```\n"
+    )
+
+
+def scaling_out(tmp: Path) -> str:
+    # Train the tokenizer before the processes start: both would otherwise train it at once.
+    corpus = load_corpus()
+    tokenize_cached(
+        corpus, train_tokenizer_cached(corpus, 1024, default_cache_dir()), default_cache_dir()
+    )
+    flags = [
+        "-m", "src.train", "--preset", "cpu-tiny", "--vocab-size", "1024", "--batch-size", "8",
+        "--lr", "3e-3", "--warmup-steps", "5", "--max-steps", "30", "--eval-interval", "10",
+        "--device", "cpu",
+    ]  # fmt: skip
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    return (
+        "```text\n"
+        + command([sys.executable, *flags, "--out-dir", str(tmp / "runs" / "one")], tmp)
+        + command(
+            [
+                torchrun,
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                *flags,
+                "--out-dir",
+                str(tmp / "runs" / "two"),
+            ],
+            tmp,
+        )  # fmt: skip
+        + "```\n"
+    )
+
+
+# tqdm's bar: "37%|███▋      | 40/108 [00:01<00:02, 31.5step/s, loss=0.693]", redrawn after "\r".
+PROGRESS_BAR = re.compile(r"^\s*\d+%\|[^|]*\|[^\[]*\[[^\]]*\]")
+TIMING = re.compile(r"\bseconds [\d.]+")
+
+
+def command(argv: list[str], tmp: Path) -> str:
+    """Run ``argv`` from the repository root on one thread; return the command line as a reader
+    types it and everything it printed, without progress bars, timings or machine-specific paths."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run(
+        argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600
+    )  # bytes, not text=True, which would turn every "\r" into a line break
+    output = result.stdout.decode()
+    if result.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} failed:\n{output}")
+    lines = []
+    for line in output.split("\n"):
+        # A line the bar drew on holds its redraws, and any message printed while it was shown.
+        pieces = [PROGRESS_BAR.sub("", piece).rstrip() for piece in line.split("\r")]
+        lines += [TIMING.sub("seconds …", p) for p in pieces if p.strip() or "\r" not in line]
+    program = "python" if argv[0] == sys.executable else Path(argv[0]).name
+    typed = wrap(["OMP_NUM_THREADS=1", "uv", "run", program, *argv[1:]])
+    return readable(f"$ {typed}\n" + "\n".join(lines).strip("\n") + "\n", tmp)
+
+
+def wrap(words: list[str], width: int = 92) -> str:
+    """A shell command on lines of about ``width`` characters, each flag beside its value."""
+    units: list[str] = []
+    for word in map(shlex.quote, words):
+        if units and units[-1].startswith("-") and " " not in units[-1] and word[0] != "-":
+            units[-1] += " " + word  # the flag's value
+        else:
+            units.append(word)
+    lines = [units[0]]
+    for unit in units[1:]:
+        if len(lines[-1]) + 1 + len(unit) > width:
+            lines.append("   ")
+        lines[-1] += " " + unit
+    return " \\\n".join(lines)
+
+
+def readable(text: str, tmp: Path) -> str:
+    return text.replace(f"{tmp}/", "").replace(str(Path.home()), "~")
+
+
+def in_a_temporary_folder(chapter: Callable[[Path], str]) -> Callable[[], str]:
+    def run() -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            return chapter(Path(tmp).resolve())
+
+    return run
+
+
+CHAPTERS: dict[str, Callable[[], str]] = {
+    "tokens": lambda: captured(tokens),
+    "batches": lambda: captured(batches),
+    "attention": lambda: captured(attention),
+    "model": lambda: captured(model),
+    "classification": in_a_temporary_folder(classification),
+    "scaling-out": in_a_temporary_folder(scaling_out),
+}
+
+
+def write(name: str, out: Path) -> str:
+    """Run one chapter and write its output, with the command that made it, to ``out/name.md``."""
+    text = CHAPTERS[name]() + f"\n*Made by `uv run python benchmarks/run_it.py {name}`.*\n"
+    (out / f"{name}.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "chapters",
+        nargs="*",
+        choices=[[], *CHAPTERS],
+        metavar="CHAPTER",
+        help=f"chapters to run (default: all of {', '.join(CHAPTERS)})",
+    )
+    parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT})")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the same numbers on every run, and kind to a shared machine
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.chapters or CHAPTERS:
+        start = time.perf_counter()
+        text = write(name, args.out)
+        print(f"--- {name} ({time.perf_counter() - start:.0f} s)\n{text}")
+
+
+if __name__ == "__main__":
+    main()
