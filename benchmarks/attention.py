@@ -148,11 +148,13 @@ def attention_core(T: int, dtype, device: str) -> dict:
     """Callables for part two: softmax(mask(q k^T * scale)) v three ways, forward and forward+backward."""
     n = SCORE_ELEMENTS[device] // (T * T)
     scale = 1 / math.sqrt(HEAD_DIM)
+    # (B, H, T, d) as in the model, with B = 1: before torch 2.15, SDPA's fused kernels refuse
+    # 3-D input and fall back to its plain math path.
     q, k, v = (
-        torch.randn(n, T, HEAD_DIM, dtype=dtype, device=device, requires_grad=True)
+        torch.randn(1, n, T, HEAD_DIM, dtype=dtype, device=device, requires_grad=True)
         for _ in range(3)
     )
-    grad = torch.randn(n, T, HEAD_DIM, dtype=dtype, device=device)
+    grad = torch.randn(1, n, T, HEAD_DIM, dtype=dtype, device=device)
     paths = {
         "plain": lambda: plain_softmax(q @ k.transpose(-2, -1), scale) @ v,
         "fused": lambda: fused_softmax.fused_causal_softmax(q @ k.transpose(-2, -1), scale) @ v,
