@@ -3,7 +3,9 @@
     uv run python benchmarks/curves.py runs/verdict --reference verdict  # the chapter-5 experiment
     uv run python benchmarks/curves.py runs/default                       # the default run
 
-Writes ``docs/assets/<run name>-curve.png`` and prints a Markdown table of the evaluations.
+Writes ``docs/assets/<run name>-curve.png`` and ``docs/assets/<run name>-curve.md``, a Markdown table
+of the evaluations (with the published points beside ours when there are some), which the chapter
+includes.
 """
 
 import argparse
@@ -52,13 +54,55 @@ def main() -> None:
     ASSETS.mkdir(parents=True, exist_ok=True)
     out = ASSETS / f"{args.run.name}-curve.png"
     fig.savefig(out, dpi=110)
-    print("| step | training loss | validation loss | validation perplexity |")
-    print("| ---: | ---: | ---: | ---: |")
+    command = f"uv run python benchmarks/curves.py runs/{args.run.name}" + (
+        f" --reference {args.reference}" if args.reference else ""
+    )
+    markdown = evaluations_table(rows, command)
+    if args.reference:
+        markdown = reference_table(rows, REFERENCES[args.reference]) + "\n" + markdown
+    table_path = out.with_suffix(".md")
+    table_path.write_text(markdown)
+    print(markdown)
+    print(f"wrote {out} and {table_path}")
+
+
+def evaluations_table(rows: list[dict], command: str) -> str:
+    """Every evaluation of the run: step, losses on fixed batches, and validation perplexity."""
+    lines = [
+        "| step | training loss (fixed batches) | validation loss | validation perplexity |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        ppl = r["val_perplexity"] if math.isfinite(r["val_perplexity"]) else float("inf")
-        print(f"| {r['step']} | {r['eval_train_loss']:.2f} | {r['val_loss']:.2f} | {ppl:,.1f} |")
+        ppl = f"{r['val_perplexity']:,.0f}" if math.isfinite(r["val_perplexity"]) else "inf"
+        lines.append(f"| {r['step']} | {r['eval_train_loss']:.2f} | {r['val_loss']:.2f} | {ppl} |")
     best = min(rows, key=lambda r: r["val_loss"])
-    print(f"\nbest validation loss {best['val_loss']:.2f} at step {best['step']}; wrote {out}")
+    lines.append("")
+    lines.append(f"Best validation loss {best['val_loss']:.2f} at step {best['step']}.")
+    lines.append("")
+    lines.append(f"*Made by `{command}`.*")
+    return "\n".join(lines) + "\n"
+
+
+def reference_table(rows: list[dict], ref: dict) -> str:
+    """Our run beside the published points: the start, the end and the best validation loss."""
+    by_step = {r["step"]: r for r in rows}
+    first, last, at_ref = rows[0], rows[-1], by_step.get(ref["end_step"])
+    best = min(rows, key=lambda r: r["val_loss"])
+
+    def at_end(key: str) -> str:
+        ours = f"{last[key]:.2f}"
+        return ours if at_ref is None else f"{at_ref[key]:.2f} / {ours}"
+
+    end = f"step {ref['end_step']}" + ("" if at_ref is None else f" / {last['step']}")
+    return "\n".join([
+        "| | published (book) | ours |",
+        "| --- | ---: | ---: |",
+        f"| loss of the untrained model | {ref['start']:.2f} | "
+        f"{first['eval_train_loss']:.2f} training / {first['val_loss']:.2f} validation |",
+        f"| validation loss at the end ({end}) | {ref['end_val']:.2f} | {at_end('val_loss')} |",
+        f"| best validation loss | ~{ref['best_val']:.1f} | {best['val_loss']:.2f} (step {best['step']}) |",
+        f"| training loss at the end ({end}) | {ref['end_train']:.2f} | {at_end('eval_train_loss')} |",
+    ]) + "\n"  # fmt: skip
 
 
 if __name__ == "__main__":

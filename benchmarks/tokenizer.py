@@ -2,6 +2,9 @@
 
     uv run python benchmarks/tokenizer.py [--vocab-size 8192] [--repeats 5] [--gpt2-dir DIR]
 
+writes ``docs/assets/tokenizer-benchmark.json`` and the table the book includes,
+``docs/assets/tokenizer-benchmark.md``.
+
 Both encoders get the same text, the same ranks, pattern and special tokens, and the same single
 thread (tiktoken's `encode` of one string does not use threads). Runs are interleaved and the median
 is reported. "Cold" is a fresh tokenizer with an empty pre-token cache, "warm" the same text again.
@@ -23,6 +26,8 @@ import tiktoken
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src.data import load_corpus  # noqa: E402
 from src.tokenizer import BPETokenizer  # noqa: E402
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "assets" / "tokenizer-benchmark"
 
 
 def timed(fn, *args) -> float:
@@ -80,7 +85,13 @@ def main() -> None:
         default=default_gpt2,
         help="folder with GPT-2's encoder.json and vocab.bpe (skipped if absent)",
     )
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=OUT,
+        help="output path prefix for the .json results and the .md table the book includes "
+        f"(default: {OUT.relative_to(OUT.parents[2])})",
+    )
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -111,26 +122,45 @@ def main() -> None:
     else:
         print("GPT-2 files not found (--gpt2-dir): the 50k-merge comparison is skipped")
 
-    print(
-        f"\n{'vocabulary':<16}{'tokens':>9}{'ours cold':>11}{'ours warm':>11}{'tiktoken':>10}"
-        f"{'ratio cold':>12}{'ratio warm':>12}   (MB/s; ratio = tiktoken / ours)"
-    )
-    for r in rows:
-        print(
-            f"{r['vocab']:<16}{r['tokens']:>9}{r['ours_cold_mb_per_s']:>11.2f}"
-            f"{r['ours_warm_mb_per_s']:>11.2f}{r['tiktoken_mb_per_s']:>10.2f}"
-            f"{r['ratio_cold']:>11.2f}x{r['ratio_warm']:>11.2f}x"
+    result = {
+        "corpus": corpus.name,
+        "megabytes": mb,
+        "python": platform.python_version(),
+        "repeats": args.repeats,
+        "train_vocab_size": trained.n_vocab,
+        "train_seconds": train_s,
+        "encode": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    markdown = to_markdown(result)
+    args.out.with_suffix(".md").write_text(markdown)
+    print("\n" + markdown)
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+
+
+def to_markdown(result: dict) -> str:
+    """The table the Tokens chapter includes: MB/s of each encoder, and tiktoken's lead."""
+    lines = [
+        "| vocabulary | tokens | ours, cold (MB/s) | ours, warm (MB/s) | tiktoken (MB/s) "
+        "| tiktoken / ours, cold | tiktoken / ours, warm |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["encode"]:
+        lines.append(
+            f"| {r['vocab']} | {r['tokens']:,} | {r['ours_cold_mb_per_s']:.2f} "
+            f"| {r['ours_warm_mb_per_s']:.2f} | {r['tiktoken_mb_per_s']:.2f} "
+            f"| {r['ratio_cold']:.2f}x | {r['ratio_warm']:.2f}x |"
         )
-    if args.json:
-        result = {
-            "corpus": corpus.name,
-            "megabytes": mb,
-            "train_vocab_size": trained.n_vocab,
-            "train_seconds": train_s,
-            "encode": rows,
-        }
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    lines += [
+        "",
+        f"Training the {result['train_vocab_size']:,}-token vocabulary on the same "
+        f"{result['megabytes']:.2f} MB took {result['train_seconds']:.2f} s (median of "
+        f"{result['repeats']}; Python {result['python']}).",
+        "",
+        "*Made by `uv run python benchmarks/tokenizer.py`.*",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ process slows every path alike, so the ratios hold even on a busy machine.
 It also times the attention core alone (``attend``: scores, causal softmax, weights @ values, with
 its backward) at each shape, times the number of layers, to say what share of a step attention is.
 
-    uv run python benchmarks/train.py                 # table + docs/assets/train-benchmark.json
+    uv run python benchmarks/train.py                 # docs/assets/train-benchmark.json and .md
     uv run python benchmarks/train.py --repeats 3     # quicker, noisier
 """
 
@@ -109,7 +109,31 @@ def main() -> None:
               + f" | {shares}", flush=True)  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    args.out.with_suffix(".md").write_text(to_markdown(results))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+
+
+def to_markdown(results: dict) -> str:
+    """The table the Pretraining chapter includes: tokens/s per path and shape, and the ratios."""
+    lines = [
+        "| context x batch | eager (tokens/s) | fused | sdpa | fused / eager | fused / sdpa "
+        "| attention share (eager, fused, sdpa) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in results["shapes"]:
+        tps = {impl: r[impl]["tokens_per_sec"] for impl in IMPLS}
+        shares = ", ".join(f"{100 * r[impl]['attention_share']:.0f}%" for impl in IMPLS)
+        lines.append(
+            f"| {r['context_length']} x {r['batch_size']} | {tps['eager']:,.0f} "
+            f"| {tps['fused']:,.0f} | {tps['sdpa']:,.0f} | {tps['fused'] / tps['eager']:.2f}x "
+            f"| {tps['fused'] / tps['sdpa']:.2f}x | {shares} |"
+        )
+    lines += [
+        "",
+        f"*Made by `uv run python benchmarks/train.py` ({results['threads']} threads, torch "
+        f"{results['torch']}, {results['cpu_capability']}, median of {results['repeats']} steps).*",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
