@@ -159,7 +159,7 @@ def test_every_page_renders_offline_in_chromium(served_book):
             page.on("console", lambda m, errors=errors: m.type == "error" and errors.append(m.text))
             page.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
             page.goto(url, wait_until="networkidle")
-            text = page.inner_text("article")
+            text = page.inner_text("body")  # the article, and the navigation and contents beside it
             state = page.evaluate(
                 """() => ({
                   math: [...document.querySelectorAll('article math')]
