@@ -464,11 +464,9 @@ def high_temperature() -> str:
 # Loading GPT-2
 
 
-def gpt2_layout() -> str:
-    """Load a small random GPT-2 from transformers, then undo one layout step, and compare logits."""
+def _random_gpt2() -> tuple[object, nn.Module, torch.Tensor, torch.Tensor]:
+    """A small GPT-2 with random weights from transformers, 8 random sequences, and its logits."""
     from transformers import GPT2Config, GPT2LMHeadModel  # the independent reference
-
-    from src.gpt2 import config_from_hf, load_gpt2_state_dict
 
     torch.manual_seed(0)
     # Weights 10x GPT-2's initial scale (0.02), closer to a trained model's: at 0.02 attention is
@@ -480,6 +478,14 @@ def gpt2_layout() -> str:
     ids = torch.randint(0, 1024, (8, 64))
     with torch.no_grad():
         expected = reference(ids).logits  # (B, T, V)
+    return hf_config, reference, ids, expected
+
+
+def gpt2_layout() -> str:
+    """Load a small random GPT-2 from transformers, then undo one layout step, and compare logits."""
+    from src.gpt2 import config_from_hf, load_gpt2_state_dict
+
+    hf_config, reference, ids, expected = _random_gpt2()
 
     def untransposed_c_proj(model: GPTModel) -> None:
         for block in model.trf_blocks:  # square (E, E): the wrong layout has the right shape
@@ -516,6 +522,43 @@ def gpt2_layout() -> str:
         )
     return table(
         ["", "max abs logit difference", "logit std (reference)", "same top-1 token"], rows
+    )
+
+
+def forgot_eval() -> str:
+    """Use loaded GPT-2 weights without ``model.eval()``: dropout stays on in every forward pass."""
+    from src.generate import generate
+    from src.gpt2 import config_from_hf, load_gpt2_state_dict
+
+    hf_config, reference, ids, expected = _random_gpt2()
+    prompt = ids[:, :8]
+    rows = []
+    for label, training in (("model.eval()", False), ("left in training mode", True)):
+        torch.manual_seed(0)
+        model = GPTModel(config_from_hf(hf_config))  # GPT-2's own dropout: 0.1
+        load_gpt2_state_dict(model, reference.state_dict()).train(training)
+        with torch.no_grad():
+            first, second = model(ids), model(ids)
+        agree = (first.argmax(-1) == expected.argmax(-1)).float().mean()
+        greedy = [generate(model, prompt, 24, hf_config.n_positions)[:, 8:] for _ in range(2)]
+        rows.append(
+            [
+                label,
+                f"{(first - expected).abs().max():.2e}",
+                f"{(first - second).abs().max():.2e}",
+                f"{100 * agree:.1f}%",
+                f"{100 * (greedy[0] == greedy[1]).float().mean():.1f}%",
+            ]
+        )
+    return table(
+        [
+            "",
+            "max abs logit difference from the reference",
+            "between two calls on the same input",
+            "same top-1 token as the reference",
+            "same greedy tokens in two runs",
+        ],
+        rows,
     )
 
 
@@ -1056,6 +1099,7 @@ EXPERIMENTS: dict[str, Callable[[], str]] = {
     "greedy-loops": greedy_loops,
     "high-temperature": high_temperature,
     "gpt2-layout": gpt2_layout,
+    "forgot-eval": forgot_eval,
     "first-token-pooling": first_token_pooling,
     "padding-targets": padding_targets,
     "lora-init": lora_init,
