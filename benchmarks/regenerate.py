@@ -89,7 +89,7 @@ STEPS = [
     Step("verdict",
          lambda: [verdict_command(),
                   ["benchmarks/curves.py", "runs/verdict", "--reference", "verdict"]],
-         "verdict-curve.{png,md}", 30, needs_reference_data),
+         "verdict-curve.{png,md}", 10, needs_reference_data),
 ]  # fmt: skip
 BY_NAME = {step.name: step for step in STEPS}
 
