@@ -1,7 +1,7 @@
 """Regenerate every figure and table of the book with one command.
 
 Each page says which command made each of its figures and tables. This script runs all of those
-commands, in the order of the chapters, and stops at the first one that fails; ``--from NAME`` then
+commands, in about the order of the chapters, and stops at the first one that fails; ``--from NAME`` then
 starts again at that step, since every earlier step has already written its files:
 
     uv run python benchmarks/regenerate.py                  # everything this machine can run
@@ -72,7 +72,6 @@ class Step:
 
 STEPS = [
     Step("figures", lambda: [["benchmarks/figures.py"]], "diagrams/*.svg", 1),
-    Step("run-it", lambda: [["benchmarks/run_it.py"]], "run-it/*.md", 2),
     Step("break-it", lambda: [["benchmarks/break_it.py"]], "break-it/*.md", 15),
     Step("tokenizer", lambda: [["benchmarks/tokenizer.py", "--repeats", "7"]],
          "tokenizer-benchmark.{json,md}", 3),
@@ -86,6 +85,8 @@ STEPS = [
     Step("default-run",
          lambda: [["-m", "src.train"], ["benchmarks/curves.py", "runs/default"]],
          "default-curve.{png,md}", 4),
+    # After the default run: the Generating chapter's output is the generator on its checkpoint.
+    Step("run-it", lambda: [["benchmarks/run_it.py"]], "run-it/*.md", 2),
     Step("verdict",
          lambda: [verdict_command(),
                   ["benchmarks/curves.py", "runs/verdict", "--reference", "verdict"]],

@@ -1,9 +1,10 @@
 """The book's "Run it" outputs: what each chapter's code prints when you run it.
 
-The library chapters (tokens, batches, attention, the model) have no command line of their own, so
-this script holds one short demo per chapter; the page embeds the demo's code by name and then its
-output. The chapters with a command (classification, scaling out) get the real command, run as a
-subprocess; the page shows the command line and what it printed. Either way the output is written to
+The library chapters (tokens, batches, attention, the model, LoRA) have no command line of their
+own, so this script holds one short demo per chapter; the page embeds the demo's code by name and
+then its output. The chapters with a command (classification, scaling out, generating) get the real
+command, run as a subprocess; the page shows the command line and what it printed. Generating needs
+the default run's checkpoint (``uv run python -m src.train`` makes it). Either way the output is written to
 ``docs/assets/run-it/<chapter>.md``, which the page includes unchanged:
 
     uv run python benchmarks/run_it.py                # every chapter, about a minute on a laptop CPU
@@ -17,6 +18,7 @@ committed files.
 
 import argparse
 import contextlib
+import copy
 import csv
 import io
 import math
@@ -44,6 +46,8 @@ from src.data import (
     tokenize_cached,
     train_tokenizer_cached,
 )
+from src.finetune import set_trainable
+from src.lora import apply_lora, lora_parameter_count
 from src.model import PRESETS, GPTConfig, GPTModel, count_parameters
 from src.tokenizer import BPETokenizer
 from src.training import cross_entropy
@@ -174,6 +178,39 @@ def model() -> None:
 # --8<-- [end:model]
 
 
+# --8<-- [start:lora]
+def lora() -> None:
+    """What LoRA trains in GPT-2 small, rank by rank, and what it changes at the start: nothing."""
+    gpt2_small = GPTConfig.from_preset("gpt2-small", qkv_bias=True, tie_weights=True)
+    line = "{:16}{:>13}{:>10}{:>16}{:>12}".format
+    print(line("trained", "parameters", "share", "AdamW numbers", "fp32 MB"))
+    with torch.device("meta"):  # shapes without storage
+        total = count_parameters(GPTModel(gpt2_small))
+    print(
+        line(
+            "everything", f"{total:,}", "100%", f"{2 * total / 1e6:,.0f}M", f"{4 * total / 1e6:.0f}"
+        )
+    )
+    for rank in (4, 8, 16, 64):
+        with torch.device("meta"):
+            model = GPTModel(gpt2_small)
+            set_trainable(model, "lora", lora_rank=rank, lora_alpha=rank)
+        n = lora_parameter_count(model)  # AdamW keeps two numbers per trained parameter
+        print(line(f"LoRA, rank {rank}", f"{n:,}", f"{100 * n / total:.2f}%", f"{2 * n / 1e6:.1f}M",
+                   f"{4 * n / 1e6:.1f}"))  # fmt: skip
+
+    base = GPTModel(GPTConfig.from_preset("cpu-tiny")).eval()
+    wrapped = copy.deepcopy(base)
+    apply_lora(wrapped, rank=4, alpha=4)
+    ids = torch.randint(base.cfg.vocab_size, (2, 16))  # (B, T)
+    with torch.no_grad():
+        change = (wrapped(ids) - base(ids)).abs().max().item()
+    print(f"\ncpu-tiny wrapped at rank 4: largest change in the logits at the start {change:.1e}")
+
+
+# --8<-- [end:lora]
+
+
 def captured(demo: Callable[[], None]) -> str:
     """What ``demo`` prints, run from the same seed and on one thread every time."""
     torch.manual_seed(0)
@@ -265,9 +302,25 @@ def scaling_out(tmp: Path) -> str:
     )
 
 
+def generating(tmp: Path) -> str:
+    """The generation command on the default run's checkpoint, which must exist."""
+    checkpoint = REPO / "runs" / "default"
+    if not (checkpoint / "checkpoints").is_dir():
+        raise SystemExit(
+            f"error: no checkpoint in {checkpoint}: run `uv run python -m src.train` first"
+        )
+    argv = [sys.executable, "-m", "src.generate", "--checkpoint", "runs/default", "--prompt",
+            "The for statement", "--max-new-tokens", "80"]  # fmt: skip
+    return "```text\n" + command(argv, tmp) + "```\n"
+
+
 # tqdm's bar: "37%|███▋      | 40/108 [00:01<00:02, 31.5step/s, loss=0.693]", redrawn after "\r".
 PROGRESS_BAR = re.compile(r"^\s*\d+%\|[^|]*\|[^\[]*\[[^\]]*\]")
-TIMING = re.compile(r"\bseconds [\d.]+")
+# Timings, which change from run to run: a finetuning command's and the generator's.
+TIMINGS = [
+    (re.compile(r"\bseconds [\d.]+"), "seconds …"),
+    (re.compile(r"in [\d.]+ s, [\d.]+ tokens/s"), "in … s, … tokens/s"),
+]
 
 
 def command(argv: list[str], tmp: Path) -> str:
@@ -284,7 +337,11 @@ def command(argv: list[str], tmp: Path) -> str:
     for line in output.split("\n"):
         # A line the bar drew on holds its redraws, and any message printed while it was shown.
         pieces = [PROGRESS_BAR.sub("", piece).rstrip() for piece in line.split("\r")]
-        lines += [TIMING.sub("seconds …", p) for p in pieces if p.strip() or "\r" not in line]
+        for piece in pieces:
+            if piece.strip() or "\r" not in line:
+                for pattern, replacement in TIMINGS:
+                    piece = pattern.sub(replacement, piece)
+                lines.append(piece)
     program = "python" if argv[0] == sys.executable else Path(argv[0]).name
     typed = wrap(["OMP_NUM_THREADS=1", "uv", "run", program, *argv[1:]])
     return readable(f"$ {typed}\n" + "\n".join(lines).strip("\n") + "\n", tmp)
@@ -325,6 +382,8 @@ CHAPTERS: dict[str, Callable[[], str]] = {
     "model": lambda: captured(model),
     "classification": in_a_temporary_folder(classification),
     "scaling-out": in_a_temporary_folder(scaling_out),
+    "lora": lambda: captured(lora),
+    "generating": in_a_temporary_folder(generating),
 }
 
 

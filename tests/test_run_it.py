@@ -24,6 +24,9 @@ NOT_COMPARED = {
     # equality its output shows, two processes training as one, is required by
     # tests/test_train.py::test_ddp_two_processes_match_one.
     "scaling-out": "slow (three Python processes); its claim is tested by test_train.py's DDP test",
+    # Needs the default run's checkpoint (minutes of training); the streaming it shows is tested by
+    # tests/test_generate.py's command-line tests on a small checkpoint they train.
+    "generating": "needs runs/default, the default training run's checkpoint",
 }
 
 
