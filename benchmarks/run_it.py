@@ -21,6 +21,7 @@ import contextlib
 import copy
 import csv
 import io
+import json
 import math
 import os
 import random
@@ -314,6 +315,31 @@ def generating(tmp: Path) -> str:
     return "```text\n" + command(argv, tmp) + "```\n"
 
 
+def instructions(tmp: Path) -> str:
+    """Instruction finetuning of a small model from scratch on the real data, with and without the
+    prompt masked, then two of the test answers; needs the reference data (about 30 minutes)."""
+    data = os.environ.get("GPT_REFERENCE_DATA")
+    if not data or not (Path(data) / "instruction-data.json").is_file():
+        raise SystemExit(
+            "error: the instructions chapter needs GPT_REFERENCE_DATA (the data and GPT-2's files)"
+        )
+    text = "```text\n"
+    for mask in ([], ["--mask-prompt"]):
+        out = tmp / ("instruct-masked" if mask else "instruct-small")
+        argv = [
+            sys.executable, "-m", "src.instruct", "--data", f"{data}/instruction-data.json",
+            "--tokenizer", f"{data}/gpt2", "--preset", "cpu-small", "--epochs", "3",
+            "--batch-size", "8", "--lr", "1e-3", "--min-lr", "1e-4", "--warmup-steps", "20",
+            "--max-new-tokens", "100", "--device", "cpu", *mask, "--out-dir", str(out),
+        ]  # fmt: skip
+        text += command(argv, tmp).replace(data, "$GPT_REFERENCE_DATA") + "\n"
+    for entry in json.loads((tmp / "instruct-small" / "responses.json").read_text())[:2]:
+        text += f"### Instruction: {entry['instruction']} {entry['input']}".rstrip() + "\n"
+        text += f"reference:  {entry['output']}\nmodel:      {entry['model_response']}\n"
+        text += f"token F1:   {entry['token_f1']:.2f}\n\n"
+    return text.rstrip("\n") + "\n```\n"
+
+
 # tqdm's bar: "37%|███▋      | 40/108 [00:01<00:02, 31.5step/s, loss=0.693]", redrawn after "\r".
 PROGRESS_BAR = re.compile(r"^\s*\d+%\|[^|]*\|[^\[]*\[[^\]]*\]")
 # Timings, which change from run to run: a finetuning command's and the generator's.
@@ -384,6 +410,7 @@ CHAPTERS: dict[str, Callable[[], str]] = {
     "scaling-out": in_a_temporary_folder(scaling_out),
     "lora": lambda: captured(lora),
     "generating": in_a_temporary_folder(generating),
+    "instructions": in_a_temporary_folder(instructions),
 }
 
 
