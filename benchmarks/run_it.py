@@ -342,7 +342,7 @@ def instructions(tmp: Path) -> str:
 
 # tqdm's bar: "37%|███▋      | 40/108 [00:01<00:02, 31.5step/s, loss=0.693]", redrawn after "\r",
 # perhaps after a label ("responses: ").
-PROGRESS_BAR = re.compile(r"^\s*(?:\w+: )?\d+%\|[^|]*\|[^\[]*\[[^\]]*\]")
+PROGRESS_BAR = re.compile(r"^\s*(?:\w+:\s*)?\d+%\|[^|]*\|[^\[]*\[[^\]]*\]")
 # Timings, which change from run to run: a finetuning command's and the generator's.
 TIMINGS = [
     (re.compile(r"\bseconds [\d.]+"), "seconds …"),
