@@ -98,6 +98,34 @@ def chain(*names: str) -> list[Edge]:
     return list(zip(names, names[1:], strict=False))
 
 
+# instruct.collate on one example in a batch whose longest example has 8 ids (T = 7): prompt
+# p0 p1 p2 (prompt_length = 3), response r0 r1, one end-of-text. Each token is a narrow cell; column
+# j is position j. Green targets count in the loss, grey ones are -100 (IGNORE_INDEX).
+def _instruct_cells() -> tuple[dict[str, Box], list[Edge]]:
+    rows = {
+        "ids": ("ids = encode_example(...)", "p0 p1 p2 r0 r1 eot"),
+        "inputs": ("inputs = ids[:-1]", "p0 p1 p2 r0 r1 pad pad"),
+        "targets": ("targets = ids[1:]", "p1 p2 r0 r1 eot -100 -100"),
+        "masked": ("targets, --mask-prompt", "-100 -100 r0 r1 eot -100 -100"),
+    }
+    boxes = {}
+    for row, (name, (label, cells)) in enumerate(rows.items()):
+        boxes[name] = Box(label, "note", row, 0)
+        for j, cell in enumerate(cells.split()):
+            kind = "data" if row < 2 else "frozen" if cell == "-100" else "param"
+            boxes[f"{name}{j}"] = Box(cell, kind, row, 0.62 + 0.35 * j, 0.85)
+    boxes["legend"] = Box(
+        "p: prompt (prompt_length = 3), r: response, eot: <|endoftext|>, pad: pad_id (eot too)\n"
+        "green targets count in the loss; -100 (IGNORE_INDEX, grey) is skipped by cross_entropy",
+        "note",
+        4,
+        1.21,
+        9.6,
+    )
+    # The model at position j is trained to predict targets[j], the token after inputs[j].
+    return boxes, [(f"inputs{j}", f"targets{j}") for j in range(7)]
+
+
 DIAGRAMS: dict[str, tuple[dict[str, Box], list[Edge]]] = {
     "attention": (
         {
@@ -210,6 +238,92 @@ DIAGRAMS: dict[str, tuple[dict[str, Box], list[Edge]]] = {
         },
         [("x", "base"), ("x", "A"), ("A", "scale", "(..., rank)"), ("scale", "B", "(..., rank)")]
         + [("base", "sum", "base(x)\n(..., out)"), ("B", "sum")],
+    ),
+    # BPETokenizer.encode("The newest") with the 8,192-token tokenizer of the default corpus (Python
+    # 3.11's documentation), as `uv run python benchmarks/run_it.py tokens` trains it. The pieces
+    # after each merge are tok._bpe(b" newest", max_rank=r) for r = 256, 279, 302, 511, 729, 975;
+    # the ids are tok.encode("The newest").
+    "tokens": (
+        {
+            "text": Box("text\n'The newest'", "data", 0, 0.5),
+            "the": Box("pre-token 'The'", "data", 1, 0),
+            "newest": Box("pre-token ' newest'", "data", 1, 1),
+            "bytes": Box("7 UTF-8 bytes\n' ' 'n' 'e' 'w' 'e' 's' 't'", "data", 2, 1, 2.8),
+            "m1": Box("' ' 'n' 'e' 'w' 'e' 'st'", "data", 3, 1, 2.8),
+            "m2": Box("' n' 'e' 'w' 'e' 'st'", "data", 4, 1, 2.8),
+            "m3": Box("' ne' 'w' 'e' 'st'", "data", 5, 1, 2.8),
+            "m4": Box("' new' 'e' 'st'", "data", 6, 1, 2.8),
+            "m5": Box("' new' 'est'", "data", 7, 1, 2.8),
+            "whole": Box("id 340", "data", 8, 0),
+            "pieces": Box("ids 728, 974", "data", 8, 1),
+            "ids": Box("token ids [340, 728, 974]\n'The' ' new' 'est'", "data", 9, 0.5, 2.8),
+        },
+        [("text", "the"), ("text", "newest", "split by GPT2_PATTERN")]
+        + [("the", "whole", "a whole token\nof mergeable_ranks:\nlooked up,\nno merges")]
+        + [("newest", "bytes", "not a whole token")]
+        + [("bytes", "m1", "merge 's'+'t' (rank 278, the lowest)")]
+        + [("m1", "m2", "merge ' '+'n' (rank 301, the lowest)")]
+        + [("m2", "m3", "merge ' n'+'e' (rank 510, the lowest)")]
+        + [("m3", "m4", "merge ' ne'+'w' (rank 728, the lowest)")]
+        + [("m4", "m5", "merge 'e'+'st' (rank 974, the lowest)")]
+        + [("m5", "pieces", "' new'+'est' is no token: stop")]
+        + [("whole", "ids"), ("pieces", "ids")],
+    ),
+    # classify.py: make_classifier swaps out_head, the model runs as usual, and last_token_logits
+    # picks each row's logits at its last real token (the default --trainable last-block shown).
+    "classification": (
+        {
+            "ids": Box("token ids, right-padded\n(B, T)", "data", 0, 0),
+            "pad": Box("collate pads each text\nwith pad_id to length T", "note", 0, 1),
+            "lower": Box("tok_emb, pos_emb,\nlower blocks (frozen)", "frozen", 1, 0),
+            "trainable": Box("--trainable last-block,\nthe default", "note", 1.5, 1),
+            "top": Box("last block, final_norm\n(trained)", "param", 2, 0),
+            "hidden": Box("hidden states\n(B, T, emb_dim)", "data", 3, 0),
+            "causal": Box("causal: the last real\ntoken never sees padding", "note", 3, 1),
+            "head": Box("out_head, new: nn.Linear\n(emb_dim, num_classes)", "param", 4, 0, 2.8),
+            "swap": Box("make_classifier: replaces\nthe vocab_size head", "note", 4, 1),
+            "logits": Box("logits\n(B, T, num_classes)", "data", 5, 0),
+            "lengths": Box("lengths, from collate\n(B,)", "data", 5, 1),
+            "pick": Box("last_token_logits: each row\nat position lengths - 1", "op", 6, 0.5, 2.8),
+            "out": Box("logits\n(B, num_classes)", "data", 7, 0.5),
+            "loss": Box(
+                "cross_entropy with labels (B,),\nor argmax: the predicted class", "op", 8, 0.5, 3.2
+            ),
+        },
+        chain("ids", "lower", "top", "hidden", "head", "logits", "pick", "out", "loss")
+        + [("lengths", "pick")],
+    ),
+    "instructions": _instruct_cells(),
+    # train.py, one optimizer step on W = 2 processes: every rank computes the same global batch
+    # (step_windows) and keeps its slice, B / W windows; DDP averages the gradients.
+    "scaling-out": (
+        {
+            "batch": Box(
+                "step_windows(step, ...): batch_size = B\nwindows, the same on every rank",
+                "data",
+                0,
+                0.5,
+                4.0,
+            ),
+            "s0": Box("rank 0: batch[0 : B/W]\n(B/W, T)", "data", 1, 0),
+            "s1": Box("rank 1: batch[B/W : 2B/W]\n(B/W, T)", "data", 1, 1),
+            "f0": Box("forward, backward\non rank 0's model copy", "op", 2, 0),
+            "f1": Box("forward, backward\non rank 1's model copy", "op", 2, 1),
+            "g0": Box("gradients of rank 0", "data", 3, 0),
+            "g1": Box("gradients of rank 1", "data", 3, 1),
+            "avg": Box("all-reduce: the average\n(DDP, in the last backward)", "op", 4, 0.5, 3.0),
+            "u0": Box("clip, AdamW step", "op", 5, 0),
+            "u1": Box("clip, AdamW step", "op", 5, 1),
+            "w0": Box("weights of rank 0", "param", 6, 0),
+            "w1": Box("weights of rank 1", "param", 6, 1),
+            "same": Box("identical on every rank", "note", 7, 0.5),
+        },
+        [("batch", "s0"), ("batch", "s1"), ("g0", "avg"), ("g1", "avg")]
+        + [("avg", "u0"), ("avg", "u1"), ("w0", "same"), ("w1", "same")]
+        + chain("s0", "f0", "g0")
+        + chain("s1", "f1", "g1")
+        + chain("u0", "w0")
+        + chain("u1", "w1"),
     ),
 }
 
