@@ -72,7 +72,7 @@ class Step:
 
 STEPS = [
     Step("figures", lambda: [["benchmarks/figures.py"]], "diagrams/*.svg", 1),
-    Step("break-it", lambda: [["benchmarks/break_it.py"]], "break-it/*.md", 15),
+    Step("break-it", lambda: [["benchmarks/break_it.py"]], "break-it/*.md", 10),
     Step("tokenizer", lambda: [["benchmarks/tokenizer.py", "--repeats", "7"]],
          "tokenizer-benchmark.{json,md}", 3),
     Step("attention", lambda: [["benchmarks/attention.py"]], "attention-benchmark.{json,md,png}", 7),
@@ -86,7 +86,7 @@ STEPS = [
          lambda: [["-m", "src.train"], ["benchmarks/curves.py", "runs/default"]],
          "default-curve.{png,md}", 4),
     # After the default run: the Generating chapter's output is the generator on its checkpoint.
-    Step("run-it", lambda: [["benchmarks/run_it.py"]], "run-it/*.md", 2),
+    Step("run-it", lambda: [["benchmarks/run_it.py"]], "run-it/*.md", 15),  # 13 of them instructions
     Step("verdict",
          lambda: [verdict_command(),
                   ["benchmarks/curves.py", "runs/verdict", "--reference", "verdict"]],

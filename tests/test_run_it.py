@@ -27,9 +27,9 @@ NOT_COMPARED = {
     # Needs the default run's checkpoint (minutes of training); the streaming it shows is tested by
     # tests/test_generate.py's command-line tests on a small checkpoint they train.
     "generating": "needs runs/default, the default training run's checkpoint",
-    # Two finetuning runs on the real instruction data, about 30 minutes; the path it exercises is
+    # Two finetuning runs on the real instruction data, about 13 minutes; the path it exercises is
     # tested on synthetic data by tests/test_instruct.py.
-    "instructions": "about 30 minutes of finetuning on the reference data",
+    "instructions": "about 13 minutes of finetuning on the reference data",
 }
 
 
