@@ -300,7 +300,7 @@ def test_get_tokenizer_gpt2_offline_says_how_to_proceed(monkeypatch):
 
 
 def test_benchmark_runs_and_reports_the_ratio(tmp_path):
-    out = tmp_path / "bench.json"
+    out = tmp_path / "bench"
     result = subprocess.run(
         [
             sys.executable,
@@ -311,7 +311,7 @@ def test_benchmark_runs_and_reports_the_ratio(tmp_path):
             "1024",
             "--gpt2-dir",
             str(tmp_path / "absent"),
-            "--json",
+            "--out",
             str(out),
         ],
         cwd=REPO,
@@ -320,5 +320,7 @@ def test_benchmark_runs_and_reports_the_ratio(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    (row,) = json.loads(out.read_text())["encode"]
-    assert row["n_vocab"] == 1024 and row["ratio_cold"] > 0 and "ratio warm" in result.stdout
+    (row,) = json.loads(out.with_suffix(".json").read_text())["encode"]
+    assert row["n_vocab"] == 1024 and row["ratio_cold"] > 0
+    table = out.with_suffix(".md").read_text()  # what the Tokens chapter includes
+    assert "tiktoken / ours, warm" in table and f"{row['ratio_warm']:.2f}x" in table
