@@ -566,46 +566,66 @@ def forgot_eval() -> str:
 # Classification
 
 
-def first_token_pooling() -> str:
-    """Classify with the first token's output instead of the last one's, on a synthetic task."""
+CLASSIFIER = GPTConfig(**(TINY.to_dict() | dict(vocab_size=64)))
+
+
+def _random_ids(generator: torch.Generator) -> torch.Tensor:
+    """A text of 8-24 random tokens from 4-63 (0-3 are left free for keywords and padding)."""
+    length = int(torch.randint(8, 25, (1,), generator=generator))
+    return torch.randint(4, 64, (length,), generator=generator)
+
+
+def _train_classifier(groups, pool=None) -> tuple[nn.Module, float]:
+    """The tiny model with a two-class head, trained on ``groups`` of ``(ids, label)`` with the
+    output of ``pool`` (the last real token's by default); returns it in eval mode, and the loss
+    of the last group."""
     from src.classify import collate, last_token_logits, make_classifier
 
-    # Random texts of 8-24 tokens; class 1 holds the keyword token 3 somewhere after the first token.
+    pool = pool or last_token_logits
+    torch.manual_seed(0)
+    model = make_classifier(GPTModel(CLASSIFIER), 2)
+    optimizer = adamw(model, 1e-3, weight_decay=0.1)
+    model.train()
+    for group in groups:
+        ids, lengths, labels = collate(group, pad_id=0)
+        loss = nn.functional.cross_entropy(pool(model(ids), lengths), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval(), loss.item()
+
+
+def first_token_pooling() -> str:
+    """Classify with the first token's output instead of the last one's, on a synthetic task."""
+    from src.classify import collate, last_token_logits
+    from src.finetune import minibatches
+
+    # Class 1 holds the keyword token 3 somewhere after the first token.
     generator = torch.Generator().manual_seed(0)
 
     def examples(n: int) -> list[tuple[list[int], int]]:
         out = []
         for _ in range(n):
-            length = int(torch.randint(8, 25, (1,), generator=generator))
-            ids = torch.randint(4, 64, (length,), generator=generator).tolist()
+            ids = _random_ids(generator).tolist()
             label = int(torch.randint(0, 2, (1,), generator=generator))
             if label:
-                ids[int(torch.randint(1, length, (1,), generator=generator))] = 3
+                ids[int(torch.randint(1, len(ids), (1,), generator=generator))] = 3
             out.append((ids, label))
         return out
 
     train_set, test_set = examples(6400), examples(1000)
-    cfg = GPTConfig(**(TINY.to_dict() | dict(vocab_size=64)))
+    test_ids, test_lengths, test_labels = collate(test_set, pad_id=0)
     rows = []
     for label, pool in (
         ("last token (as built)", last_token_logits),
         ("first token", lambda logits, lengths: logits[:, 0]),
     ):
-        torch.manual_seed(0)
-        model = make_classifier(GPTModel(cfg), 2)
-        optimizer = adamw(model, 1e-3, weight_decay=0.1)
-        model.train()
-        for start in range(0, len(train_set), 32):
-            ids, lengths, labels = collate(train_set[start : start + 32], pad_id=0)
-            loss = nn.functional.cross_entropy(pool(model(ids), lengths), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        model.eval()
+        model, loss = _train_classifier(minibatches(train_set, 32), pool)  # one pass, in order
         with torch.no_grad():
-            ids, lengths, labels = collate(test_set, pad_id=0)
-            accuracy = (pool(model(ids), lengths).argmax(-1) == labels).float().mean()
-        rows.append([label, f"{loss.item():.2f}", f"{100 * accuracy:.1f}%"])
+            accuracy = (
+                (pool(model(test_ids), test_lengths).argmax(-1) == test_labels).float().mean()
+            )
+        rows.append([label, f"{loss:.2f}", f"{100 * accuracy:.1f}%"])
     return table(["pooled output", "final train loss", "test accuracy (chance: 50%)"], rows)
 
 
@@ -961,19 +981,19 @@ def duplicated_data() -> str:
 
 def imbalanced_classes() -> str:
     """A rare class (13% of texts), trained on as it comes and on a balanced, undersampled set."""
-    from src.classify import balance, collate, confusion_matrix, last_token_logits, make_classifier
+    from src.classify import balance, collate, confusion_matrix, last_token_logits
     from src.finetune import minibatches
 
-    # Random texts of 8-24 tokens. In class 1, 13% of the texts, each token is replaced with
-    # probability 1/4 by one of 8 "spam words" (tokens 4-11). Class 0 texts hold spam words too,
-    # by chance (8 of the 60 tokens drawn), so the classes overlap: no rule separates them all.
+    # In class 1, 13% of the texts, each token is replaced with probability 1/4 by one of 8 "spam
+    # words" (tokens 4-11). Class 0 texts hold spam words too, by chance (8 of the 60 tokens
+    # drawn), so the classes overlap: no rule separates them all.
     generator = torch.Generator().manual_seed(0)
 
     def examples(n: int) -> list[tuple[list[int], int]]:
         out = []
         for _ in range(n):
-            length = int(torch.randint(8, 25, (1,), generator=generator))
-            ids = torch.randint(4, 64, (length,), generator=generator)
+            ids = _random_ids(generator)
+            length = len(ids)
             label = int(torch.rand(1, generator=generator) < 0.13)
             if label:
                 spam = torch.rand(length, generator=generator) < 0.25
@@ -983,7 +1003,6 @@ def imbalanced_classes() -> str:
 
     train_set, test_set = examples(6400), examples(2000)  # the test set keeps the real mix
     test_ids, test_lengths, test_labels = collate(test_set, pad_id=0)
-    cfg = GPTConfig(**(TINY.to_dict() | dict(vocab_size=64)))
 
     def scores(label: str, n_train: str, predicted: torch.Tensor) -> list[str]:
         matrix = confusion_matrix(predicted, test_labels, 2)  # matrix[true][predicted]
@@ -996,19 +1015,9 @@ def imbalanced_classes() -> str:
         ("trained on the data as it comes", train_set),
         ("trained on balanced data", balance(train_set, seed=0)),
     ):
-        torch.manual_seed(0)
-        model = make_classifier(GPTModel(cfg), 2)
-        optimizer = adamw(model, 1e-3, weight_decay=0.1)
         order = torch.Generator().manual_seed(0)
-        model.train()
-        for _ in range(2):  # epochs
-            for group in minibatches(train_rows, 32, order):
-                ids, lengths, labels = collate(group, pad_id=0)
-                loss = nn.functional.cross_entropy(last_token_logits(model(ids), lengths), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        model.eval()
+        two_epochs = (group for _ in range(2) for group in minibatches(train_rows, 32, order))
+        model, _ = _train_classifier(two_epochs)
         with torch.no_grad():
             predicted = last_token_logits(model(test_ids), test_lengths).argmax(-1)
         rows.append(scores(label, str(len(train_rows)), predicted))
