@@ -11,7 +11,8 @@ GPT-2 small: the plain path, the plain path with our fused softmax in the middle
 score bytes.
 
 Method: warm-up calls, then the candidates of a shape interleaved call by call, repeated, and the
-median kept; the thread count is set and stated. Peak memory is the growth of the process's resident
+median kept; the thread count is set and stated. On a GPU each call is timed with CUDA events, on a
+problem 8 times larger, so that the kernels are timed rather than their launch. Peak memory is the growth of the process's resident
 set during one forward+backward (on a GPU, the allocator's peak). glibc serves allocations this large
 with fresh ``mmap``s, so every call would pay to page-fault its output in; the effect is measured
 once, then the allocator is told to keep and reuse freed memory, as a training loop's steady state
