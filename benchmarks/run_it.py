@@ -256,7 +256,8 @@ def classification(tmp: Path) -> str:
     train = [
         "-m", "src.classify", "--data", str(tmp / "keyword.csv"), "--preset", "cpu-tiny",
         "--tokenizer", str(tmp / "tokenizer.json"), "--trainable", "all", "--epochs", "6",
-        "--batch-size", "16", "--lr", "3e-3", "--split", "0.7,0.2,0.1", "--device", "cpu",
+        "--batch-size", "16", "--lr", "3e-3", "--min-lr", "1e-4", "--warmup-steps", "10",
+        "--split", "0.7,0.2,0.1", "--device", "cpu",
         "--out-dir", out,
     ]  # fmt: skip
     predict = ["-m", "src.classify", "--out-dir", out, "--device", "cpu"]

@@ -141,7 +141,8 @@ def test_tiny_model_learns_a_keyword_rule_and_predicts(tmp_path, capsys):
     code = main([
         "--data", str(data), "--preset", "cpu-tiny", "--tokenizer", str(tmp_path / "tok.json"),
         "--trainable", "all", "--epochs", "6", "--batch-size", "16", "--lr", "3e-3",
-        "--split", "0.7,0.2,0.1", "--out-dir", str(out), "--quiet", "--device", "cpu",
+        "--min-lr", "1e-4", "--warmup-steps", "10", "--split", "0.7,0.2,0.1",
+        "--out-dir", str(out), "--quiet", "--device", "cpu",
     ])  # fmt: skip
     assert code == 0
     results = json.loads((out / "results.json").read_text())
