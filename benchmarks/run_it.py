@@ -40,13 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from src import fused_softmax
 from src.attention import MultiHeadAttention, causal_softmax
 from src.data import (
-    create_dataloader,
-    default_cache_dir,
+    GPTDataset,
     load_corpus,
     split_tokens,
+    step_batch,
     tokenize_cached,
     train_tokenizer_cached,
 )
+from src.files import cache_dir
 from src.finetune import set_trainable
 from src.lora import apply_lora, lora_parameter_count
 from src.model import PRESETS, GPTConfig, GPTModel, count_parameters
@@ -67,7 +68,7 @@ def tokens() -> None:
     corpus = load_corpus()
     print(f"corpus: {corpus.name}, {len(corpus.text):,} characters")
     print(f"corpus sha256 {corpus.fingerprint[:16]}")
-    tokenizer = train_tokenizer_cached(corpus, 8192, default_cache_dir())  # cached after one run
+    tokenizer = train_tokenizer_cached(corpus, 8192, cache_dir())  # cached after one run
     merges = len(tokenizer.mergeable_ranks) - 256
     print(f"vocabulary: {tokenizer.n_vocab:,} = 256 bytes + {merges:,} merges + 1 special")
     print("first merges:", [tokenizer.decode([rank]) for rank in range(256, 266)])
@@ -78,7 +79,7 @@ def tokens() -> None:
     for i in ids:
         print(f"{i:5d}  {tokenizer.decode([i])!r}")
     print("\ndecode(encode(text)) == text:", tokenizer.decode(ids) == text)
-    everything = tokenize_cached(corpus, tokenizer, default_cache_dir())
+    everything = tokenize_cached(corpus, tokenizer, cache_dir())
     ratios = len(text) / len(ids), len(corpus.text) / len(everything)
     print("characters per token: {:.2f} in this sentence, {:.2f} in the corpus".format(*ratios))
 
@@ -90,18 +91,17 @@ def tokens() -> None:
 def batches() -> None:
     """The default corpus as token ids, split by position, and one batch of inputs and targets."""
     corpus = load_corpus()
-    tokenizer = train_tokenizer_cached(corpus, 8192, default_cache_dir())
-    tokens = tokenize_cached(corpus, tokenizer, default_cache_dir())
+    tokenizer = train_tokenizer_cached(corpus, 8192, cache_dir())
+    tokens = tokenize_cached(corpus, tokenizer, cache_dir())
     print(f"corpus: {corpus.name}, {len(corpus.text):,} characters")
     print(f"corpus sha256 {corpus.fingerprint[:16]}")
     print(f"tokens: {len(tokens):,} ({tokens.dtype})")
     train, val = split_tokens(tokens, val_fraction=0.1)
     print(f"split by position: {len(train):,} training, then {len(val):,} validation tokens")
 
-    generator = torch.Generator().manual_seed(0)
-    loader = create_dataloader(train, 2, context_length=8, stride=8, generator=generator)
-    print(f"windows of 8 tokens: {len(loader.dataset):,}, in {len(loader):,} batches of 2")
-    x, y = next(iter(loader))  # (2, 8) inputs, (2, 8) targets
+    windows = GPTDataset(train, context_length=8, stride=8)
+    print(f"windows of 8 tokens: {len(windows):,}, {len(windows) // 2:,} steps of 2 per epoch")
+    x, y = windows.batch(step_batch(0, len(windows), batch_size=2, seed=0))  # step 0: (2, 8) each
     print(f"one batch: inputs {tuple(x.shape)}, targets {tuple(y.shape)}")
 
     def piece(i: int) -> str:
@@ -277,7 +277,7 @@ def scaling_out(tmp: Path) -> str:
     # Train the tokenizer before the processes start: both would otherwise train it at once.
     corpus = load_corpus()
     tokenize_cached(
-        corpus, train_tokenizer_cached(corpus, 1024, default_cache_dir()), default_cache_dir()
+        corpus, train_tokenizer_cached(corpus, 1024, cache_dir()), cache_dir()
     )
     flags = [
         "-m", "src.train", "--preset", "cpu-tiny", "--vocab-size", "1024", "--batch-size", "8",

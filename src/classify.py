@@ -31,9 +31,9 @@ import argparse
 import csv
 import io
 import json
+import math
 import random
 import sys
-import urllib.request
 import zipfile
 from collections import Counter
 from collections.abc import Sequence
@@ -43,58 +43,47 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from src.data import DataError, default_cache_dir
+from src.checkpoints import load_model
+from src.cli import Parser, run_command
+from src.errors import UserError
+from src.files import cache_dir, download, write_atomically
 from src.finetune import (
-    add_common_arguments,
-    check_training_arguments,
+    add_finetune_arguments,
+    claim_out_dir,
     finetune,
     fit_to_context,
+    in_order,
     load_base_model,
-    minibatches,
-    run_command,
     set_trainable,
 )
-from src.model import GPTConfig, GPTModel
-from src.tokenizer import BPETokenizer, get_tokenizer
-from src.training import (
-    ConfigError,
-    autocast,
-    find_checkpoint,
-    load_checkpoint_meta,
-    load_weights,
-    resolve_device,
-)
+from src.model import GPTModel
+from src.training import autocast, resolve_device
 
 # --8<-- [start:sms_spam]
 SMS_SPAM = "sms-spam"
 SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 SMS_SPAM_LABELS = ("ham", "spam")
+# The archive's published sha256 (203,415 bytes; 5,574 messages, 747 of them spam).
+SMS_SPAM_SHA256 = "1587ea43e58e82b14ff1f5425c88e17f8496bfcdb67a583dbff9eefaf9963ce3"
 
 
-def load_sms_spam(cache_dir: Path | None = None, url: str = SMS_SPAM_URL) -> list[tuple[str, str]]:
+def load_sms_spam(
+    cache: Path | None = None, url: str = SMS_SPAM_URL, sha256: str = SMS_SPAM_SHA256
+) -> list[tuple[str, str]]:
     """The SMS Spam Collection as (text, label) pairs, downloaded once into the cache.
 
     The archive holds ``SMSSpamCollection``: one message per line, ``label<TAB>text``, the label
-    ``ham`` or ``spam``. A download whose structure differs is refused, not cached.
+    ``ham`` or ``spam``. The archive must have the published checksum, and its structure is checked.
     """
-    path = Path(cache_dir or default_cache_dir()) / SMS_SPAM / "SMSSpamCollection"
-    if not path.is_file():
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                archive = response.read()
-        except OSError as err:
-            raise DataError(
-                f"could not download the SMS Spam Collection from {url} ({err}); on a machine with "
-                f"network, download and unzip it and put SMSSpamCollection at {path}, or pass your "
-                "own CSV/TSV with --data"
-            ) from None
-        text = _sms_spam_text(archive, url)
-        _parse_sms_spam(text, url)  # validate before caching
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)  # atomic: an interrupted download leaves no half file behind
-    return _parse_sms_spam(path.read_text(encoding="utf-8"), path)
+    path = Path(cache or cache_dir()) / "downloads" / f"{sha256}.zip"
+    try:
+        archive = download(url, sha256, path)
+    except UserError as err:
+        raise UserError(
+            f"could not get the SMS Spam Collection ({err}); on a machine with network, download "
+            f"{url} and put it at {path}, or pass your own CSV/TSV with --data"
+        ) from None
+    return _parse_sms_spam(_sms_spam_text(archive, url), url)
 
 
 def _sms_spam_text(archive: bytes, source: str) -> str:
@@ -102,7 +91,7 @@ def _sms_spam_text(archive: bytes, source: str) -> str:
         with zipfile.ZipFile(io.BytesIO(archive)) as zf:
             return zf.read("SMSSpamCollection").decode("utf-8")
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError) as err:
-        raise DataError(f"{source} is not the SMS Spam Collection archive ({err})") from None
+        raise UserError(f"{source} is not the SMS Spam Collection archive ({err})") from None
 
 
 def _parse_sms_spam(text: str, source) -> list[tuple[str, str]]:
@@ -110,12 +99,12 @@ def _parse_sms_spam(text: str, source) -> list[tuple[str, str]]:
     for number, line in enumerate(text.splitlines(), start=1):
         label, tab, message = line.partition("\t")
         if not tab or label not in SMS_SPAM_LABELS or not message:
-            raise DataError(
+            raise UserError(
                 f"{source} line {number}: expected 'ham' or 'spam', a tab, and a message"
             )
         rows.append((message, label))
     if {label for _, label in rows} != set(SMS_SPAM_LABELS):
-        raise DataError(f"{source}: expected both ham and spam messages")
+        raise UserError(f"{source}: expected both ham and spam messages")
     return rows
 
 
@@ -124,23 +113,36 @@ def _parse_sms_spam(text: str, source) -> list[tuple[str, str]]:
 
 # --8<-- [start:table]
 def read_table(path: str | Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
-    """(text, label) pairs from a CSV file, or a TSV file (``.tsv``/``.tab``), with a header row."""
+    """(text, label) pairs from a CSV file, or a TSV file (``.tsv``/``.tab``), with a header row,
+    in UTF-8 (a byte-order mark, as spreadsheet programs write, is allowed)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file (expected a CSV/TSV file or {SMS_SPAM!r})")
+        raise UserError(f"{path}: no such file (expected a CSV/TSV file or {SMS_SPAM!r})")
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        columns = reader.fieldnames or []
-        missing = [c for c in (text_column, label_column) if c not in columns]
-        if missing:
-            raise DataError(
-                f"{path} has no column {missing[0]!r} (its columns: {', '.join(columns) or 'none'}); "
-                "name the columns with --text-column and --label-column"
-            )
-        rows = [(row[text_column], row[label_column]) for row in reader]
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+        records = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (invalid byte at offset {err.start}); "
+                        "save it as UTF-8, e.g. with iconv -t UTF-8") from None  # fmt: skip
+    except csv.Error as err:
+        raise UserError(f"{path} is not a readable CSV/TSV file ({err})") from None
+    columns = records[0] if records else []
+    missing = [c for c in (text_column, label_column) if c not in columns]
+    if missing:
+        raise UserError(
+            f"{path} has no column {missing[0]!r} (its columns: {', '.join(columns) or 'none'}); "
+            "name the columns with --text-column and --label-column"
+        )
+    rows = []
+    for number, record in enumerate(records[1:], start=2):
+        if len(record) != len(columns):
+            raise UserError(f"{path} line {number} has {len(record)} fields, the header "
+                            f"{len(columns)}")  # fmt: skip
+        row = dict(zip(columns, record, strict=True))
+        rows.append((row[text_column], row[label_column]))
     if not rows:
-        raise DataError(f"{path} has a header but no rows")
+        raise UserError(f"{path} has a header but no rows")
     return rows
 
 
@@ -149,15 +151,16 @@ def check_labels(
 ) -> list[str]:
     """The label set: ``labels`` if given (every row's label must be in it), else the sorted
     distinct labels of the data. A classifier needs at least two."""
-    if labels:
-        for number, (_, label) in enumerate(rows, start=1):
-            if label not in labels:
-                raise DataError(
-                    f"{source} row {number}: label {label!r} is not in the label set ({', '.join(labels)})"
-                )
+    for number, (_, label) in enumerate(rows, start=1):
+        if not label.strip():
+            raise UserError(f"{source} row {number}: the label is empty")
+        if labels and label not in labels:
+            raise UserError(
+                f"{source} row {number}: label {label!r} is not in the label set ({', '.join(labels)})"
+            )
     labels = list(labels) if labels else sorted({label for _, label in rows})
     if len(labels) < 2:
-        raise DataError(f"{source}: a classifier needs at least two labels, found {labels}")
+        raise UserError(f"{source}: a classifier needs at least two labels, found {labels}")
     return labels
 
 
@@ -189,6 +192,12 @@ def split_rows(rows: Sequence, fractions: Sequence[float], seed: int) -> tuple[l
 
 
 # --8<-- [start:pooling]
+def encode_text(tokenizer, text: str) -> list[int]:
+    """A text's ids. Text that spells ``<|endoftext|>`` is that text, not a document boundary; an
+    empty text is the end-of-text token alone, so that it has a last token to classify by."""
+    return tokenizer.encode(text, disallowed_special=()) or [tokenizer.eot_token or 0]
+
+
 def collate(batch: Sequence[tuple[list[int], int]], pad_id: int):
     """Token ids padded to the batch's longest text, each text's length, and the label ids."""
     length = max(len(ids) for ids, _ in batch)
@@ -251,21 +260,15 @@ def format_confusion(matrix: list[list[int]], labels: Sequence[str]) -> str:
 # --8<-- [start:load_classifier]
 def load_classifier(out_dir: str | Path, device: torch.device):
     """The classifier saved in ``out_dir`` (its latest checkpoint), its tokenizer and labels."""
-    ckpt = find_checkpoint(Path(out_dir))
-    if ckpt is None:
-        raise ConfigError(
-            f"no classifier in {out_dir}: train one there first (--data ... --out-dir {out_dir})"
-        )
-    meta = load_checkpoint_meta(ckpt)
-    if "labels" not in meta:
-        raise ConfigError(f"{ckpt} is not a classifier checkpoint (it has no labels)")
-    model = make_classifier(GPTModel(GPTConfig(**meta["config"])), len(meta["labels"]))
-    load_weights(ckpt, model)
-    if (ckpt / "tokenizer.json").is_file():  # our BPE travels with the checkpoint
-        tokenizer = BPETokenizer.load(ckpt / "tokenizer.json")
-    else:
-        tokenizer = get_tokenizer(meta["tokenizer"]["ref"])
-    return model.to(device).eval(), tokenizer, meta["labels"]
+    try:
+        model, tokenizer, meta = load_model(Path(out_dir), device)
+    except UserError as err:
+        raise UserError(f"no classifier in {out_dir} ({err}); train one there first "
+                        f"(--data ... --out-dir {out_dir})") from None  # fmt: skip
+    labels = meta.get("labels")
+    if not isinstance(labels, list) or len(labels) != model.out_head.weight.shape[0]:
+        raise UserError(f"{out_dir} holds no classifier: its checkpoint has no labels for its head")
+    return model, tokenizer, labels
 
 
 @torch.no_grad()
@@ -274,7 +277,7 @@ def classify_text(
 ) -> tuple[str, float]:
     """The most likely label of ``text`` and its probability. A text longer than the context is
     handled as in training (``too_long``: an error, or cut with a warning)."""
-    ids = tokenizer.encode(text) or [tokenizer.eot_token]
+    ids = encode_text(tokenizer, text)
     ids = fit_to_context(ids, model.cfg.context_length, too_long, "the --predict text")
     logits = model(torch.tensor([ids], device=model.tok_emb.weight.device))[0, -1]  # (C,)
     probs = torch.softmax(logits.float(), dim=-1)
@@ -287,60 +290,49 @@ def classify_text(
 
 # --8<-- [start:cli]
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m src.classify",
         description="Finetune a GPT to classify text, or classify text with a finetuned one (--predict).",
     )
-    p.add_argument(
-        "--data",
-        help=f"CSV/TSV file with a header row, or {SMS_SPAM!r} (the SMS Spam Collection, downloaded once)",
-    )
-    p.add_argument("--text-column", default="text", help="column holding the text (default: text)")
-    p.add_argument(
-        "--label-column", default="label", help="column holding the label (default: label)"
-    )
-    p.add_argument(
-        "--labels",
-        default=None,
-        help="comma-separated label set; a row with another label is an error (default: the labels found)",
-    )
-    p.add_argument(
-        "--balance",
-        action="store_true",
-        help="undersample every class to the size of the smallest (default: off)",
-    )
-    p.add_argument(
-        "--split",
-        default="0.7,0.1,0.2",
-        help="train,val,test fractions, summing to 1 (default: 0.7,0.1,0.2)",
-    )
-    p.add_argument(
-        "--predict", action="append", metavar="TEXT",
-        help="classify TEXT with the classifier saved in --out-dir and print label and probability (repeatable)",
-    )  # fmt: skip
-    add_common_arguments(
-        p, trainable=("last-block", "all", "lora"), default_trainable="last-block", default_lr=5e-5
-    )
+    a = p.add_argument
+    a("--data", help=f"CSV/TSV file with a header row, or {SMS_SPAM!r} (the SMS Spam Collection, "
+      "downloaded once)")  # fmt: skip
+    a("--text-column", default="text", help="column holding the text")
+    a("--label-column", default="label", help="column holding the label")
+    a("--labels", help="comma-separated label set; a row with another label is an error; the "
+      "labels found when not given")  # fmt: skip
+    a("--balance", action="store_true", help="undersample every class to the size of the smallest")
+    a("--split", default="0.7,0.1,0.2", help="train,val,test fractions, summing to 1")
+    a("--predict", action="append", metavar="TEXT", help="classify TEXT with the classifier saved "
+      "in --out-dir and print label and probability (repeatable)")  # fmt: skip
+    add_finetune_arguments(p, ("last-block", "all", "lora"), "last-block", default_lr=5e-5)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv, _run)
+    return run_command(build_parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> None:
     if args.predict:
         if args.out_dir is None:
-            raise ConfigError("--predict needs --out-dir: the folder a classifier was saved to")
+            raise UserError("--predict needs --out-dir: the folder a classifier was saved to")
         model, tokenizer, labels = load_classifier(args.out_dir, resolve_device(args.device))
         for text in args.predict:
             label, prob = classify_text(model, tokenizer, labels, text, args.too_long)
             print(f"{label}\t{prob:.3f}\t{text}")
         return
-    check_training_arguments(args)
     fractions = _parse_split(args.split)
     if args.data is None:
-        raise ConfigError("--data is required to train (a CSV/TSV file or 'sms-spam')")
+        raise UserError("--data is required to train (a CSV/TSV file or 'sms-spam')")
+    with claim_out_dir(args) as folder:
+        splits, labels = _load_splits(args, fractions)
+        model, tokenizer, base = load_base_model(args)
+        _train(args, folder, model, tokenizer, base, splits, labels)
+
+
+def _load_splits(args, fractions) -> tuple[dict[str, list], list[str]]:
+    """The labelled rows, checked, balanced if asked, and split into train, val and test."""
     if args.data == SMS_SPAM:
         rows = load_sms_spam()
     else:
@@ -357,28 +349,22 @@ def _run(args: argparse.Namespace) -> None:
         zip(("train", "val", "test"), split_rows(rows, fractions, args.seed), strict=True)
     )
     if not all(splits.values()):
-        raise DataError(f"{args.data}: {len(rows)} examples are too few for the split {args.split}")
+        raise UserError(f"{args.data}: {len(rows)} examples are too few for the split {args.split}")
     counts = {name: dict(Counter(label for _, label in split)) for name, split in splits.items()}
     print(f"data: {len(rows)} examples; per split: {counts}", file=sys.stderr)
+    return splits, labels
 
-    model, tokenizer, base = load_base_model(args)
-    limit = model.cfg.context_length
+
+def _train(args, folder, model, tokenizer, base, splits, labels) -> None:
+    """Encode the splits, put a classification head on the model, finetune, report, save."""
     label_id = {label: i for i, label in enumerate(labels)}
+    limit = model.cfg.context_length
     encoded = {
-        name: [
-            (
-                fit_to_context(
-                    tokenizer.encode(text) or [tokenizer.eot_token],
-                    limit,
-                    args.too_long,
-                    f"{name} text {i}",
-                ),
-                label_id[label],
-            )
-            for i, (text, label) in enumerate(split)
-        ]
+        name: [(fit_to_context(encode_text(tokenizer, text), limit, args.too_long,
+                               f"{name} text {i}"), label_id[label])
+               for i, (text, label) in enumerate(split)]
         for name, split in splits.items()
-    }
+    }  # fmt: skip
     make_classifier(model, len(labels))
     lora = set_trainable(model, args.trainable, args.lora_rank, args.lora_alpha)
     device = model.tok_emb.weight.device
@@ -386,10 +372,8 @@ def _run(args: argparse.Namespace) -> None:
         tokenizer.eot_token if tokenizer.eot_token is not None else 0
     )  # never read: see pooling
 
-    def batches(split: str, generator: torch.Generator | None = None):
-        for group in minibatches(encoded[split], args.batch_size, generator):
-            ids, lengths, targets = collate(group, pad_id)
-            yield ids.to(device), lengths.to(device), targets.to(device)
+    def to_device(group) -> tuple[torch.Tensor, ...]:
+        return tuple(t.to(device) for t in collate(group, pad_id))
 
     def loss_fn(batch) -> torch.Tensor:
         ids, lengths, targets = batch
@@ -400,29 +384,25 @@ def _run(args: argparse.Namespace) -> None:
     def evaluate(final: bool = False) -> dict:
         result = {}
         for split in ("train", "val", "test") if final else ("train", "val"):
-            predicted, true = predict_batches(model, batches(split))
+            batches = (to_device(group) for group in in_order(encoded[split], args.batch_size))
+            predicted, true = predict_batches(model, batches)
             result[f"{split}_accuracy"] = (predicted == true).float().mean().item()
             if final:
                 result[f"{split}_confusion"] = confusion_matrix(predicted, true, len(labels))
-        model.train()
         return result
 
     meta = base | {"labels": labels, "lora": lora}
-    metrics = finetune(
-        model, tokenizer, args, batches, loss_fn, evaluate, len(encoded["train"]), meta
-    )
+    metrics = finetune(model, tokenizer, args, folder, encoded["train"], to_device, loss_fn,
+                       evaluate, meta)  # fmt: skip
     final = evaluate(final=True)
     for split in ("train", "val", "test"):
         print(
             f"\n{split}: accuracy {final[f'{split}_accuracy']:.4f} ({len(splits[split])} examples)"
         )
         print(format_confusion(final[f"{split}_confusion"], labels))
-    results = metrics | {
-        "final": final,
-        "labels": labels,
-        "split_sizes": {k: len(v) for k, v in splits.items()},
-    }
-    (Path(args.out_dir) / "results.json").write_text(json.dumps(results, indent=1))
+    results = metrics | {"final": final, "labels": labels,
+                         "split_sizes": {k: len(v) for k, v in splits.items()}}  # fmt: skip
+    write_atomically(folder.path / "results.json", json.dumps(results, indent=1))
 
 
 def _parse_split(text: str) -> tuple[float, float, float]:
@@ -430,8 +410,9 @@ def _parse_split(text: str) -> tuple[float, float, float]:
         fractions = tuple(float(x) for x in text.split(","))
     except ValueError:
         fractions = ()
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ConfigError(
+    if (len(fractions) != 3 or not all(math.isfinite(f) and f >= 0 for f in fractions)
+            or abs(sum(fractions) - 1.0) > 1e-6):  # fmt: skip
+        raise UserError(
             f"--split must be three fractions summing to 1, like 0.7,0.1,0.2; got {text!r}"
         )
     return fractions

@@ -3,190 +3,94 @@
 Classification (``src.classify``) and instruction finetuning (``src.instruct``) differ in their data
 and their loss, and in nothing else. Both start from a model someone trained before (OpenAI's GPT-2,
 a local safetensors file, a checkpoint of ``src.train``, or, for experiments, a fresh small model),
-choose which of its parameters to update, and run a few epochs of AdamW with the schedule, progress
-display and atomic checkpoints of ``src.training``. This module holds those shared steps, so each
-command reads as: load and check the data, define the loss, call ``finetune``.
+choose which of its parameters to update, and run a few epochs of the project's one optimizer step
+(``src.training.optimizer_step``) over the project's one batching rule (``src.data.step_batch``),
+with a progress bar and an atomic checkpoint after every epoch. This module holds those shared steps,
+so each command reads as: load and check the data, define the loss, call ``finetune``.
 """
 
 import argparse
-import json
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from src.attention import ATTN_IMPLS
-from src.data import DataError, fingerprint_of
-from src.gpt2 import GPT2_REPOS, WeightsNotFound, load_pretrained
-from src.lora import apply_lora, lora_parameter_count, merged_model
-from src.model import PRESETS, GPTConfig, GPTModel
-from src.tokenizer import TokenizerNotFound, get_tokenizer
-from src.training import (
-    ConfigError,
-    NonFiniteLossError,
-    adamw,
-    autocast,
-    check_finite,
-    grad_scaler,
-    load_model,
-    lr_at,
+from src.checkpoints import save_checkpoint
+from src.cli import (
+    MetricsLog,
+    RunFolder,
+    add_model_source,
+    count,
+    load_model_source,
+    non_negative,
+    positive_int,
     progress_bar,
-    resolve_device,
-    save_checkpoint,
 )
+from src.data import fingerprint_of, step_batch
+from src.errors import UserError
+from src.lora import apply_lora, check_rank, lora_parameter_count, merged_model
+from src.model import GPTModel
+from src.training import Schedule, adamw, autocast, grad_scaler, optimizer_step, resolve_device
 
 
 # --8<-- [start:arguments]
-def add_common_arguments(
+def add_finetune_arguments(
     p: argparse.ArgumentParser,
     trainable: tuple[str, ...],
     default_trainable: str,
     default_lr: float,
 ) -> None:
     """The flags every finetuning command has: where the base model comes from, what trains, how."""
-    base = p.add_argument_group("base model (one of; default: --pretrained gpt2)")
-    source = base.add_mutually_exclusive_group()
-    source.add_argument(
-        "--pretrained",
-        choices=list(GPT2_REPOS),
-        help="OpenAI GPT-2 weights, downloaded once and cached",
-    )
-    source.add_argument(
-        "--weights",
-        help="a local GPT-2 .safetensors file, or a folder with model.safetensors and config.json",
-    )
-    source.add_argument(
-        "--base-checkpoint", help="a run folder or checkpoint written by python -m src.train"
-    )
-    source.add_argument(
-        "--preset",
-        choices=list(PRESETS),
-        help="a freshly initialised model of this size (for experiments)",
-    )
-    base.add_argument(
-        "--tokenizer", default=None,
-        help="'gpt2', a folder with GPT-2's encoder.json and vocab.bpe, or a saved BPE tokenizer file "
-        "(default: the base checkpoint's tokenizer, else gpt2)",
-    )  # fmt: skip
-    base.add_argument(
-        "--attn-impl", choices=ATTN_IMPLS, default="sdpa", help="attention path (default: sdpa)"
-    )
-    base.add_argument(
-        "--drop-rate", type=float, default=0.0, help="dropout while finetuning (default: 0.0)"
-    )
+    add_model_source(p, required=False, preset=True)
+    p.add_argument("--attn-impl", choices=ATTN_IMPLS, default="sdpa", help="attention path")
+    p.add_argument("--drop-rate", type=float, default=0.0, help="dropout while finetuning")
+    t = p.add_argument_group("training").add_argument
+    t("--trainable", choices=trainable, default=default_trainable,
+      help="which parameters train; see the book's chapter for what each costs")  # fmt: skip
+    t("--lora-rank", type=int, default=16, help="rank of the LoRA update with --trainable lora")
+    t("--lora-alpha", type=float, default=16.0,
+      help="LoRA scale alpha; the update is scaled by alpha/rank")  # fmt: skip
+    t("--epochs", type=positive_int, default=2, help="passes over the training split")
+    t("--batch-size", type=positive_int, default=8, help="examples per optimizer step")
+    t("--lr", type=float, default=default_lr, help="peak learning rate")
+    t("--min-lr", type=float, help="learning rate reached at the end by cosine decay; --lr (a "
+      "constant rate) when not given")  # fmt: skip
+    t("--warmup-steps", type=count, default=0, help="steps of linear warmup")
+    t("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
+    t("--grad-clip", type=non_negative, default=1.0, help="clip the gradient norm to this (0: off)")
+    t("--too-long", choices=("error", "truncate"), default="error",
+      help="an example longer than the context: stop with an error, or cut it and warn")  # fmt: skip
+    t("--seed", type=int, default=123, help="seed for initialisation, shuffling and splits")
+    t("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    t("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
+    t("--out-dir", help="where the model, metrics and results go (required to train)")
+    t("--overwrite", action="store_true",
+      help="replace the run that --out-dir already holds")  # fmt: skip
+    t("--quiet", action="store_true", help="no progress bar")
 
-    train = p.add_argument_group("training")
-    train.add_argument(
-        "--trainable", choices=trainable, default=default_trainable,
-        help=f"which parameters train: {', '.join(trainable)} (default: {default_trainable}); "
-        "see the book's chapter for what each costs",
-    )  # fmt: skip
-    train.add_argument(
-        "--lora-rank",
-        type=int,
-        default=16,
-        help="rank of the LoRA update with --trainable lora (default: 16)",
-    )
-    train.add_argument(
-        "--lora-alpha",
-        type=float,
-        default=16.0,
-        help="LoRA scale alpha; the update is scaled by alpha/rank (default: 16)",
-    )
-    train.add_argument(
-        "--epochs", type=int, default=2, help="passes over the training split (default: 2)"
-    )
-    train.add_argument(
-        "--batch-size", type=int, default=8, help="examples per optimizer step (default: 8)"
-    )
-    train.add_argument(
-        "--lr", type=float, default=default_lr, help=f"peak learning rate (default: {default_lr:g})"
-    )
-    train.add_argument(
-        "--min-lr",
-        type=float,
-        default=None,
-        help="learning rate reached at the end by cosine decay (default: --lr, a constant rate)",
-    )
-    train.add_argument(
-        "--warmup-steps", type=int, default=0, help="steps of linear warmup (default: 0)"
-    )
-    train.add_argument(
-        "--weight-decay",
-        type=float,
-        default=0.1,
-        help="AdamW weight decay on matrices (default: 0.1)",
-    )
-    train.add_argument(
-        "--grad-clip",
-        type=float,
-        default=1.0,
-        help="clip the gradient norm to this (0: off; default: 1.0)",
-    )
-    train.add_argument(
-        "--too-long", choices=("error", "truncate"), default="error",
-        help="an example longer than the context: stop with an error, or cut it and warn (default: error)",
-    )  # fmt: skip
-    train.add_argument(
-        "--seed",
-        type=int,
-        default=123,
-        help="seed for initialisation, shuffling and splits (default: 123)",
-    )
-    train.add_argument(
-        "--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)"
-    )
-    train.add_argument(
-        "--dtype",
-        choices=("fp32", "bf16", "fp16"),
-        default="fp32",
-        help="autocast precision (default: fp32)",
-    )
-    train.add_argument(
-        "--out-dir",
-        default=None,
-        help="where the model, metrics and results go (required to train)",
-    )
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+def claim_out_dir(args: argparse.Namespace) -> RunFolder:
+    """The locked output folder, checked before any data is read: never the base model's own."""
+    if args.out_dir is None:
+        raise UserError("--out-dir is required: it receives the finetuned model and its metrics")
+    out = Path(args.out_dir).resolve()
+    if args.checkpoint and out in (
+        Path(args.checkpoint).resolve(),
+        *Path(args.checkpoint).resolve().parents,
+    ):
+        raise UserError(f"--out-dir {args.out_dir} holds the base checkpoint {args.checkpoint}; "
+                        "finetuning there would replace it: choose another --out-dir")  # fmt: skip
+    autocast(resolve_device(args.device), args.dtype)  # refuses fp16 off CUDA now, not mid-run
+    if args.trainable == "lora":
+        check_rank(args.lora_rank)
+    return RunFolder(args.out_dir, overwrite=args.overwrite)
 
 
 # --8<-- [end:arguments]
-
-
-# --8<-- [start:run_command]
-def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, body: Callable) -> int:
-    """Parse the flags and run ``body(args)``; bad input ends in one line on stderr and exit code 2,
-    Ctrl-C in a note that the last checkpoint (saved after each epoch) is kept."""
-    args = parser.parse_args(argv)
-    try:
-        body(args)
-    except (ConfigError, DataError, WeightsNotFound, TokenizerNotFound, NonFiniteLossError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: the checkpoint of the last finished epoch is kept", file=sys.stderr)
-        return 130
-    return 0
-
-
-def check_training_arguments(args: argparse.Namespace) -> None:
-    """Catch settings that cannot work before any data is read or any file is written."""
-    if args.out_dir is None:
-        raise ConfigError("--out-dir is required: it receives the finetuned model and its metrics")
-    for flag in ("epochs", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.trainable == "lora" and args.lora_rank <= 0:
-        raise ConfigError(f"--lora-rank must be a positive integer, got {args.lora_rank}")
-    if not 0.0 <= args.drop_rate < 1.0:
-        raise ConfigError(f"--drop-rate must be in [0, 1), got {args.drop_rate}")
-    autocast(resolve_device(args.device), args.dtype)  # refuses fp16 off CUDA now, not mid-run
-
-
-# --8<-- [end:run_command]
 
 
 # --8<-- [start:fit]
@@ -196,7 +100,7 @@ def fit_to_context(ids: list[int], limit: int, too_long: str, where: str) -> lis
     if len(ids) <= limit:
         return ids
     if too_long == "error":
-        raise DataError(
+        raise UserError(
             f"{where} has {len(ids)} tokens, more than the {limit} the model's context allows; "
             "shorten it, or pass --too-long truncate to cut such examples"
         )
@@ -212,29 +116,11 @@ def load_base_model(args: argparse.Namespace) -> tuple[GPTModel, object, dict]:
     """The model to finetune (on the chosen device), its tokenizer, and what to record about them."""
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
-    fields = dict(drop_rate=args.drop_rate, attn_impl=args.attn_impl)
-    if args.base_checkpoint:
-        trained, tokenizer, meta = load_model(Path(args.base_checkpoint), device)
-        model = GPTModel(GPTConfig(**(trained.cfg.to_dict() | fields)))
-        model.load_state_dict(trained.state_dict())
-        tokenizer_ref = args.tokenizer or meta["tokenizer"]["ref"]
-        if args.tokenizer:
-            tokenizer = get_tokenizer(args.tokenizer)
-    else:
-        tokenizer_ref = args.tokenizer or "gpt2"
-        tokenizer = get_tokenizer(tokenizer_ref)
-        if args.preset:
-            cfg = GPTConfig.from_preset(args.preset, vocab_size=tokenizer.n_vocab, **fields)
-            model = GPTModel(cfg)
-        else:
-            model = load_pretrained(args.weights or args.pretrained or "gpt2", **fields)
-    if tokenizer.n_vocab > model.cfg.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {tokenizer.n_vocab} tokens but the model only {model.cfg.vocab_size}; "
-            "use the tokenizer the model was trained with"
-        )
-    meta = {"tokenizer": {"ref": tokenizer_ref, "fingerprint": fingerprint_of(tokenizer)}}
-    return model.to(device).train(), tokenizer, meta
+    model, tokenizer, ref = load_model_source(
+        args, device, drop_rate=args.drop_rate, attn_impl=args.attn_impl
+    )
+    meta = {"tokenizer": {"ref": ref, "fingerprint": fingerprint_of(tokenizer)}}
+    return model.train(), tokenizer, meta
 
 
 # --8<-- [end:base_model]
@@ -242,7 +128,7 @@ def load_base_model(args: argparse.Namespace) -> tuple[GPTModel, object, dict]:
 
 # --8<-- [start:trainable]
 # The Linear layers of a transformer block, by the names they have in src/model.py.
-BLOCK_LINEARS = ("W_query", "W_key", "W_value", "out_proj", "ff.layers.0", "ff.layers.2")
+BLOCK_LINEARS = ("W_query", "W_key", "W_value", "out_proj", "ff.fc", "ff.proj")
 
 
 def set_trainable(model: GPTModel, what: str, lora_rank: int, lora_alpha: float) -> dict | None:
@@ -280,96 +166,76 @@ def describe_trainable(model: nn.Module) -> str:
 
 
 # --8<-- [start:finetune]
-def minibatches(examples: list, batch_size: int, generator: torch.Generator | None = None):
-    """Consecutive groups of ``batch_size`` examples (the last may be smaller), in a random order
-    drawn from ``generator`` when one is given, else in order. Each command collates a group into
-    tensors its own way."""
-    order = list(range(len(examples)))
-    if generator is not None:
-        order = torch.randperm(len(examples), generator=generator).tolist()
-    for i in range(0, len(order), batch_size):
-        yield [examples[j] for j in order[i : i + batch_size]]
+def in_order(examples: Sequence, batch_size: int):
+    """Consecutive groups of ``batch_size`` examples, the last perhaps smaller: for evaluation,
+    which must see every example, in the same order each time."""
+    for i in range(0, len(examples), batch_size):
+        yield examples[i : i + batch_size]
 
 
 def finetune(
     model: GPTModel,
     tokenizer,
     args: argparse.Namespace,
-    batches: Callable[..., Iterable],
+    folder: RunFolder,
+    train_examples: Sequence,
+    collate: Callable[[list], object],
     loss_fn: Callable[[object], torch.Tensor],
     evaluate: Callable[[], dict],
-    n_train: int,
     meta: dict,
 ) -> dict:
     """Train for ``args.epochs`` epochs; evaluate before and after each; save after each.
 
-    ``batches("train", generator)`` yields training batches in a random order, ``loss_fn(batch)``
-    returns their mean loss, ``evaluate()`` a dict of numbers. Every evaluation is appended to
-    ``out_dir/metrics.jsonl``; after each epoch the model, with any LoRA update merged in, is saved
-    as a checkpoint of ``src.training``, with the tokenizer and ``meta`` beside it. Returns the
-    first and the last evaluation.
+    The batch of step ``s`` is ``collate`` of the examples ``step_batch`` picks, ``loss_fn(batch)``
+    its mean loss, ``evaluate()`` a dict of numbers. Every evaluation is appended to
+    ``metrics.jsonl``; after each epoch the model, with any LoRA update merged in, is saved as a
+    checkpoint, with the tokenizer and ``meta`` beside it. Returns the first and last evaluation.
     """
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = out_dir / "metrics.jsonl"
-    log.write_text("")  # this run's metrics only
+    folder.clear()  # an earlier run's files, with --overwrite; nothing otherwise
+    log = MetricsLog(folder.path / "metrics.jsonl")
     print(describe_trainable(model), file=sys.stderr)
     optimizer = adamw(model, args.lr, args.weight_decay)
     scaler = grad_scaler(model.tok_emb.weight.device, args.dtype)  # a no-op unless fp16
-    steps_per_epoch = -(-n_train // args.batch_size)
-    max_steps = args.epochs * steps_per_epoch
-    min_lr = args.lr if args.min_lr is None else args.min_lr
-    generator = torch.Generator().manual_seed(args.seed)
-
-    def record(entry: dict) -> dict:
-        with open(log, "a") as f:  # appended as we go: an interrupted run keeps what it logged
-            f.write(json.dumps(entry) + "\n")
-        print(
-            "  ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()
-            ),
-            file=sys.stderr,
-        )
-        return entry
-
+    n = len(train_examples)
+    steps_per_epoch = n // args.batch_size  # an epoch's last partial batch is dropped
+    if steps_per_epoch < 1:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {n} training examples")
+    schedule = Schedule(args.lr, args.lr if args.min_lr is None else args.min_lr,
+                        args.warmup_steps, args.epochs * steps_per_epoch)  # fmt: skip
     start = time.perf_counter()
-    first = record({"epoch": 0, "step": 0} | evaluate())
-    step, last = 0, first
-    bar = progress_bar(max_steps, disable=args.quiet)
-    try:
-        for epoch in range(1, args.epochs + 1):
-            model.train()
-            for batch in batches("train", generator):
-                lr = lr_at(step, args.lr, min_lr, args.warmup_steps, max_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = loss_fn(batch)
-                check_finite(loss, step)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if args.grad_clip > 0:
-                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                    nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                bar.update()
-                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-            last = record(
-                {"epoch": epoch, "step": step}
-                | evaluate()
-                | {"seconds": round(time.perf_counter() - start, 1)}
+    first = record(log, {"epoch": 0, "step": 0} | evaluate())
+    last = first
+    with progress_bar(schedule.max_steps, disable=args.quiet) as bar:
+        model.train()
+        for step in range(schedule.max_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = schedule(step)
+            batch = collate(
+                [train_examples[i] for i in step_batch(step, n, args.batch_size, args.seed)]
             )
-            state = meta | {
-                "step": step,
-                "epoch": epoch,
-                "metrics": last,
-                "config": model.cfg.to_dict(),
-            }
-            save_checkpoint(out_dir, merged_model(model), optimizer, tokenizer, state)
-    finally:
-        bar.close()
+            loss, _ = optimizer_step(
+                model, optimizer, [batch], loss_fn, step + 1, args.grad_clip, scaler
+            )
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{schedule(step):.2e}")
+            if (step + 1) % steps_per_epoch == 0:
+                epoch = (step + 1) // steps_per_epoch
+                seconds = {"seconds": round(time.perf_counter() - start, 1)}
+                last = record(log, {"epoch": epoch, "step": step + 1} | evaluate() | seconds)
+                state = meta | {"step": step + 1, "epoch": epoch, "metrics": last,
+                                "config": model.cfg.to_dict()}  # fmt: skip
+                save_checkpoint(folder.path, merged_model(model), optimizer, tokenizer, state)
+                model.train()
     return {"before": first, "after": last}
+
+
+def record(log: MetricsLog, entry: dict) -> dict:
+    """Append an evaluation to the metrics file and print it: ``epoch 1  step 18  val_loss 0.93``."""
+    log.append(entry)
+    printable = {k: v for k, v in entry.items() if not isinstance(v, (list, dict))}
+    print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in printable.items()), file=sys.stderr)  # fmt: skip
+    return entry
 
 
 # --8<-- [end:finetune]

@@ -22,8 +22,8 @@ Run it on a trained checkpoint, or on OpenAI's GPT-2 weights::
     uv run python -m src.generate --pretrained gpt2 --prompt "Once upon a time"
 """
 
-import argparse
 import codecs
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -31,11 +31,20 @@ from collections.abc import Iterator
 import torch
 
 from src.attention import KVCache
-from src.gpt2 import GPT2_REPOS, load_pretrained
-from src.training import HelpFormatter
+from src.errors import UserError
 
 
 # --8<-- [start:sample]
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Settings that cannot sample: refused before the first token, in the user's own terms."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -88,6 +97,15 @@ def stream(
     ``context_length`` the window slides, the positions of every token change, and the cache is
     rebuilt from the window at each step: exactly what the uncached path computes.
     """
+    check_sampling(temperature, top_k, top_p)  # now, not at the first token
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    args = (temperature, top_k, top_p, eos_id, generator)
+    return _tokens(model, idx, max_new_tokens, context_length, *args, use_cache)
+
+
+def _tokens(model, idx, max_new_tokens, context_length, temperature, top_k, top_p, eos_id,
+            generator, use_cache) -> Iterator[torch.Tensor]:  # fmt: skip
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     cache = None
     for _ in range(max_new_tokens):
@@ -134,79 +152,48 @@ def generate(
 
 
 # --8<-- [start:cli]
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+# The command line. It needs the checkpoint and weight loaders, which sit above this chapter, so it
+# imports them when it runs: the library above imports nothing but the model's own modules.
+def build_parser():
+    from src.cli import Parser, add_model_source, count, positive_int
+
+    p = Parser(
         prog="python -m src.generate",
         description="Continue a prompt with a trained checkpoint, printing tokens as they come.",
-        formatter_class=HelpFormatter,
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--checkpoint",
-        help="a run folder (its latest checkpoint is used) or a checkpoint folder",
-    )
-    source.add_argument(
-        "--pretrained",
-        choices=list(GPT2_REPOS),
-        help="OpenAI's GPT-2 weights of this size, downloaded once and cached",
-    )
-    source.add_argument(
-        "--weights",
-        help="a local GPT-2 .safetensors file, or a folder with model.safetensors and config.json",
-    )
-    p.add_argument(
-        "--tokenizer",
-        default="gpt2",
-        help="tokenizer for --pretrained/--weights: 'gpt2' or a folder with GPT-2's encoder.json "
-        "and vocab.bpe",
-    )
-    p.add_argument("--prompt", default="", help="text to continue ('' starts from end-of-text)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=0.8,
-        help="0 is greedy; below 1 sharpens, above 1 flattens the distribution",
-    )
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument(
+    add_model_source(p, required=True)
+    a = p.add_argument
+    a("--prompt", default="", help="text to continue ('' starts from end-of-text)")
+    a("--max-new-tokens", type=count, default=200, help="tokens to generate at most")
+    a("--temperature", type=float, default=0.8,
+      help="0 is greedy; below 1 sharpens, above 1 flattens the distribution")  # fmt: skip
+    a("--top-k", type=positive_int, help="sample among the k most likely tokens")
+    a(
         "--top-p",
         type=float,
-        default=None,
         help="sample among the most likely tokens whose probabilities sum to p",
     )
-    p.add_argument(
-        "--no-kv-cache",
-        action="store_true",
-        help="recompute the whole sequence for every token (to compare speed)",
-    )
-    p.add_argument("--seed", type=int, default=123, help="seed of the sampling generator")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
-    return p  # fmt: skip
+    a("--no-kv-cache", action="store_true",
+      help="recompute the whole sequence for every token (to compare speed)")  # fmt: skip
+    a("--seed", type=int, default=123, help="seed of the sampling generator")
+    a("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from src.tokenizer import get_tokenizer
-    from src.training import ConfigError, load_model, resolve_device
+def write(args) -> int:
+    """Stream the continuation of ``--prompt`` to stdout, and its speed to stderr."""
+    from src.cli import load_model_source
+    from src.training import resolve_device
 
-    args = build_parser().parse_args(argv)
-    try:
-        if args.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
-        if args.top_k is not None and args.top_k < 1:
-            raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
-        if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-            raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
-        device = resolve_device(args.device)
-        if args.checkpoint:
-            model, tokenizer, _ = load_model(args.checkpoint, device)
-        else:
-            model = load_pretrained(args.pretrained or args.weights, drop_rate=0.0).to(device)
-            tokenizer = get_tokenizer(args.tokenizer)
-    except (FileNotFoundError, ValueError) as e:  # ConfigError and TokenizerNotFound included
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    device = resolve_device(args.device)
+    model, tokenizer, _ = load_model_source(args, device, drop_rate=0.0)
+    model.eval()
     ids = tokenizer.encode(args.prompt, allowed_special="all") or [tokenizer.eot_token]
+    if None in ids:
+        raise UserError(
+            "--prompt is empty and this tokenizer has no end-of-text token to start from"
+        )
     context_length = model.cfg.context_length
     idx = torch.tensor([ids[-context_length:]], device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -224,11 +211,17 @@ def main(argv: list[str] | None = None) -> int:
             break
         print(utf8.decode(tokenizer.decode_bytes([token.item()])), end="", flush=True)
     print(utf8.decode(b"", final=True), end="")  # an unfinished character at the end: U+FFFD
-    seconds = time.perf_counter() - start
+    seconds = max(time.perf_counter() - start, 1e-9)
     cache = "off" if args.no_kv_cache else "on"
     print(f"\n\n[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s, KV cache {cache}]",
           file=sys.stderr)  # fmt: skip
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from src.cli import run_command
+
+    return run_command(build_parser(), write, argv)
 
 
 # --8<-- [end:cli]

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import torch
 from safetensors.torch import load_file
 
+from src.errors import UserError
 from src.model import GPTConfig, GPTModel
 
 # Buffers that some versions of transformers store next to the weights; they hold no learned values.
@@ -37,9 +38,9 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 def config_from_hf(hf_config, **overrides) -> GPTConfig:
     """Our config for a Hugging Face ``GPT2Config`` (GPT-2 has qkv biases and a tied head)."""
     if getattr(hf_config, "n_inner", None) not in (None, 4 * hf_config.n_embd):
-        raise ValueError(f"n_inner={hf_config.n_inner} is not supported; ours is 4 * n_embd")
+        raise UserError(f"n_inner={hf_config.n_inner} is not supported; ours is 4 * n_embd")
     if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"activation {hf_config.activation_function!r} is not GELU's tanh form")
+        raise UserError(f"activation {hf_config.activation_function!r} is not GELU's tanh form")
     fields = dict(
         vocab_size=hf_config.vocab_size,
         context_length=hf_config.n_positions,
@@ -88,10 +89,10 @@ def _gpt2_sources(cfg: GPTConfig) -> dict[str, tuple[str, Callable[[torch.Tensor
             f"{ours}.norm1.shift": (f"{theirs}.ln_1.bias", keep),
             f"{ours}.norm2.scale": (f"{theirs}.ln_2.weight", keep),
             f"{ours}.norm2.shift": (f"{theirs}.ln_2.bias", keep),
-            f"{ours}.ff.layers.0.weight": (f"{theirs}.mlp.c_fc.weight", conv1d),
-            f"{ours}.ff.layers.0.bias": (f"{theirs}.mlp.c_fc.bias", keep),
-            f"{ours}.ff.layers.2.weight": (f"{theirs}.mlp.c_proj.weight", conv1d),
-            f"{ours}.ff.layers.2.bias": (f"{theirs}.mlp.c_proj.bias", keep),
+            f"{ours}.ff.fc.weight": (f"{theirs}.mlp.c_fc.weight", conv1d),
+            f"{ours}.ff.fc.bias": (f"{theirs}.mlp.c_fc.bias", keep),
+            f"{ours}.ff.proj.weight": (f"{theirs}.mlp.c_proj.weight", conv1d),
+            f"{ours}.ff.proj.bias": (f"{theirs}.mlp.c_proj.bias", keep),
         }
     return sources
 
@@ -103,7 +104,7 @@ def _gpt2_sources(cfg: GPTConfig) -> dict[str, tuple[str, Callable[[torch.Tensor
 def load_gpt2_state_dict(model: GPTModel, state_dict: Mapping[str, torch.Tensor]) -> GPTModel:
     """Copy a Hugging Face GPT-2 state dict into ``model`` in place, and return the model.
 
-    Raises ``ValueError`` naming the first key that is missing, unexpected, or of the wrong shape,
+    Raises ``UserError`` (a ``ValueError``) naming the first key that is missing, unexpected, or of the wrong shape,
     before any weight is changed.
     """
     theirs = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
@@ -116,20 +117,20 @@ def load_gpt2_state_dict(model: GPTModel, state_dict: Mapping[str, torch.Tensor]
     converted = {}
     for name, param in ours.items():
         if name not in sources:
-            raise ValueError(f"our parameter {name!r} has no GPT-2 counterpart")
+            raise UserError(f"our parameter {name!r} has no GPT-2 counterpart")
         key, transform = sources[name]
         if key not in theirs:
-            raise ValueError(f"GPT-2 state dict has no key {key!r} (needed for our {name!r})")
+            raise UserError(f"GPT-2 state dict has no key {key!r} (needed for our {name!r})")
         value = transform(theirs[key])
         if value.shape != param.shape:
-            raise ValueError(
+            raise UserError(
                 f"shape mismatch at {key!r}: GPT-2 gives {tuple(value.shape)} for our {name!r}, "
                 f"which has {tuple(param.shape)}; does the config match the checkpoint?"
             )
         converted[name] = value
     unused = sorted(set(theirs) - {sources[name][0] for name in ours})
     if unused:
-        raise ValueError(
+        raise UserError(
             f"GPT-2 state dict has keys our model does not use, first {unused[0]!r} "
             "(a qkv bias needs qkv_bias=True)"
         )
@@ -153,10 +154,6 @@ GPT2_REPOS = {
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
-class WeightsNotFound(FileNotFoundError):
-    """Pretrained weights that can be neither found locally nor downloaded."""
-
-
 def download_gpt2(name: str, cache_dir: Path | None = None) -> Path:
     """The folder holding ``config.json`` and ``model.safetensors`` of OpenAI's GPT-2 ``name``.
 
@@ -166,12 +163,12 @@ def download_gpt2(name: str, cache_dir: Path | None = None) -> Path:
     from huggingface_hub import hf_hub_download  # needed only for downloads
 
     if name not in GPT2_REPOS:
-        raise ValueError(f"unknown GPT-2 model {name!r}; choose one of {', '.join(GPT2_REPOS)}")
+        raise UserError(f"unknown GPT-2 model {name!r}; choose one of {', '.join(GPT2_REPOS)}")
     repo = GPT2_REPOS[name]
     try:
         paths = [hf_hub_download(repo, f, cache_dir=cache_dir) for f in (CONFIG_FILE, WEIGHTS_FILE)]
     except Exception as err:  # no network, a proxy refusing, a hub error: all end the same way
-        raise WeightsNotFound(
+        raise UserError(
             f"could not download {name} from https://huggingface.co/{repo} and it is not cached "
             f"({type(err).__name__}); connect to the internet once so it is cached, or download "
             f"{CONFIG_FILE} and {WEIGHTS_FILE} from that page into a folder and pass it with --weights"
@@ -201,12 +198,12 @@ def load_pretrained(name_or_path: str | Path, **overrides) -> GPTModel:
         elif path.is_file():
             weights, config = path, path.with_name(CONFIG_FILE)
         else:
-            raise WeightsNotFound(
+            raise UserError(
                 f"{path}: no such file or folder; expected one of {', '.join(GPT2_REPOS)}, "
                 f"a .safetensors file, or a folder holding {WEIGHTS_FILE} and {CONFIG_FILE}"
             )
         if not weights.is_file():
-            raise WeightsNotFound(f"{path} holds no {WEIGHTS_FILE}")
+            raise UserError(f"{path} holds no {WEIGHTS_FILE}")
     state = load_file(weights)
     hf_config = _read_config(config) if config.is_file() else _config_from_shapes(state)
     model = GPTModel(config_from_hf(hf_config, **overrides))
@@ -224,7 +221,7 @@ def _read_config(path: Path) -> SimpleNamespace:
 def _config_from_shapes(state: Mapping[str, torch.Tensor]) -> SimpleNamespace:
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     if "wte.weight" not in state or "wpe.weight" not in state:
-        raise ValueError("this safetensors file has no wte/wpe embeddings: not a GPT-2 checkpoint")
+        raise UserError("this safetensors file has no wte/wpe embeddings: not a GPT-2 checkpoint")
     vocab_size, n_embd = state["wte.weight"].shape
     n_layer = len({k.split(".")[1] for k in state if k.startswith("h.")})
     return SimpleNamespace(

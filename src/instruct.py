@@ -34,20 +34,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from src.data import DataError
+from src.cli import Parser, positive_int, run_command
+from src.errors import UserError
+from src.files import write_atomically
 from src.finetune import (
-    add_common_arguments,
-    check_training_arguments,
+    add_finetune_arguments,
+    claim_out_dir,
     finetune,
     fit_to_context,
+    in_order,
     load_base_model,
-    minibatches,
-    run_command,
     set_trainable,
 )
 from src.generate import generate
 from src.lora import merge_lora
-from src.training import ConfigError, autocast, cross_entropy
+from src.training import autocast, cross_entropy
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: these targets add nothing to the loss
 
@@ -79,28 +80,32 @@ def load_instructions(path: str | Path) -> list[dict]:
     ``instruction``, ``input`` (may be empty) and ``output``."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
+        raise UserError(f"{path}: no such file") from None
+    except (IsADirectoryError, PermissionError) as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (invalid byte at offset {err.start})") from None
     except json.JSONDecodeError as err:
-        raise DataError(
+        raise UserError(
             f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
         ) from None
     if not isinstance(data, list) or not data:
-        raise DataError(
+        raise UserError(
             f"{path}: expected a non-empty JSON list of {{instruction, input, output}} objects"
         )
     for i, entry in enumerate(data):
         if not isinstance(entry, dict):
-            raise DataError(f"{path}: entry {i} is not a JSON object")
+            raise UserError(f"{path}: entry {i} is not a JSON object")
         missing = [k for k in KEYS if k not in entry]
         if missing:
-            raise DataError(
+            raise UserError(
                 f"{path}: entry {i} has no {', '.join(missing)} (each entry needs {', '.join(KEYS)})"
             )
         wrong = [k for k in KEYS if not isinstance(entry[k], str)]
         if wrong:
-            raise DataError(f"{path}: entry {i}: {wrong[0]!r} must be a string")
+            raise UserError(f"{path}: entry {i}: {wrong[0]!r} must be a string")
     return data
 
 
@@ -126,8 +131,9 @@ def encode_example(
     ``max_tokens`` is the context length + 1: the model reads all ids but the last and predicts all
     but the first. A longer example is cut (``too_long="truncate"``, with a warning) or an error.
     """
-    prompt = tokenizer.encode(format_prompt(entry))
-    ids = prompt + tokenizer.encode(entry["output"]) + [tokenizer.eot_token]
+    # User text that spells <|endoftext|> is text: only the one we append ends the example.
+    prompt = tokenizer.encode(format_prompt(entry), disallowed_special=())
+    ids = prompt + tokenizer.encode(entry["output"], disallowed_special=()) + [tokenizer.eot_token]
     return fit_to_context(ids, max_tokens, too_long, where), len(prompt)
 
 
@@ -193,7 +199,7 @@ def respond(
     context_length = model.cfg.context_length
     responses = []
     for entry in tqdm(entries, desc="responses", disable=quiet, dynamic_ncols=True):
-        prompt = tokenizer.encode(format_prompt(entry))[-context_length:]
+        prompt = tokenizer.encode(format_prompt(entry), disallowed_special=())[-context_length:]
         idx = torch.tensor([prompt], device=device)
         out = generate(model, idx, max_new_tokens, context_length, eos_id=tokenizer.eot_token)
         new = out[0, len(prompt) :].tolist()
@@ -208,68 +214,60 @@ def respond(
 
 # --8<-- [start:cli]
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m src.instruct",
         description="Finetune a GPT to follow instructions (Alpaca-format JSON: instruction, input, "
         "output). Splits the data 85/5/10 into train/val/test in file order, trains, writes the "
         "model's responses to the test split to OUT_DIR/responses.json and scores them.",
     )
-    p.add_argument(
+    a = p.add_argument
+    a(
         "--data",
         required=True,
         help="Alpaca-format JSON file (a list of {instruction, input, output})",
     )
-    p.add_argument(
-        "--mask-prompt", action="store_true",
-        help="exclude the prompt tokens from the loss, training only on responses (default: off)",
-    )  # fmt: skip
-    p.add_argument(
-        "--max-new-tokens", type=int, default=256,
-        help="longest response generated per test example (default: 256)",
-    )  # fmt: skip
-    p.add_argument(
-        "--limit-test", type=int, default=None,
-        help="generate responses for only the first N test examples (default: all)",
-    )  # fmt: skip
-    add_common_arguments(p, trainable=("all", "lora"), default_trainable="all", default_lr=5e-5)
+    a("--mask-prompt", action="store_true",
+      help="exclude the prompt tokens from the loss, training only on responses")  # fmt: skip
+    a("--max-new-tokens", type=positive_int, default=256,
+      help="longest response generated per test example")  # fmt: skip
+    a("--limit-test", type=positive_int,
+      help="generate responses for only the first N test examples; all when not given")  # fmt: skip
+    add_finetune_arguments(p, ("all", "lora"), "all", default_lr=5e-5)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), argv, _run)
+    return run_command(build_parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> None:
-    check_training_arguments(args)
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    data = load_instructions(args.data)
-    model, tokenizer, base = load_base_model(args)
-    if tokenizer.eot_token is None:
-        raise ConfigError("the tokenizer has no <|endoftext|> token; instruction data needs one")
-    train_set, val_set, test_set = split_instructions(data)
-    if not (train_set and val_set and test_set):
-        raise DataError(f"{args.data}: {len(data)} entries are too few for an 85/5/10 split")
-    print(
-        f"data: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test examples",
-        file=sys.stderr,
-    )
-    max_tokens = model.cfg.context_length + 1
-    encoded = {
-        name: [
-            encode_example(e, tokenizer, max_tokens, args.too_long, f"{name} example {i}")
-            for i, e in enumerate(split)
-        ]
-        for name, split in (("train", train_set), ("val", val_set))
-    }
+    with claim_out_dir(args) as folder:
+        data = load_instructions(args.data)
+        train_set, val_set, test_set = split_instructions(data)
+        if not (train_set and val_set and test_set):
+            raise UserError(f"{args.data}: {len(data)} entries are too few for an 85/5/10 split")
+        model, tokenizer, base = load_base_model(args)
+        if tokenizer.eot_token is None:
+            raise UserError("the tokenizer has no <|endoftext|> token; instruction data needs one")
+        print(f"data: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test examples",
+              file=sys.stderr)  # fmt: skip
+        max_tokens = model.cfg.context_length + 1
+        encoded = {
+            name: [encode_example(e, tokenizer, max_tokens, args.too_long, f"{name} example {i}")
+                   for i, e in enumerate(split)]
+            for name, split in (("train", train_set), ("val", val_set))
+        }  # fmt: skip
+        metrics = _train(args, folder, model, tokenizer, base, encoded)
+        _answer(args, folder, model, tokenizer, metrics, test_set)
+
+
+def _train(args, folder, model, tokenizer, base, encoded) -> dict:
     lora = set_trainable(model, args.trainable, args.lora_rank, args.lora_alpha)
     device = model.tok_emb.weight.device
-    pad_id = tokenizer.eot_token
 
-    def batches(split: str, generator: torch.Generator | None = None):
-        for group in minibatches(encoded[split], args.batch_size, generator):
-            inputs, targets = collate(group, pad_id, args.mask_prompt)
-            yield inputs.to(device), targets.to(device)
+    def to_device(group) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = collate(group, tokenizer.eot_token, args.mask_prompt)
+        return inputs.to(device), targets.to(device)
 
     def loss_fn(batch) -> torch.Tensor:
         inputs, targets = batch
@@ -283,44 +281,37 @@ def _run(args: argparse.Namespace) -> None:
         result = {}
         for split in ("train", "val"):
             total, count = 0.0, 0
-            for inputs, targets in batches(split):
+            for inputs, targets in map(to_device, in_order(encoded[split], args.batch_size)):
                 n = (targets != IGNORE_INDEX).sum().item()
                 total += loss_fn((inputs, targets)).item() * n
                 count += n
             result[f"{split}_loss"] = total / count
-        model.train()
         return result
 
     meta = base | {"lora": lora, "mask_prompt": args.mask_prompt}
-    metrics = finetune(
-        model, tokenizer, args, batches, loss_fn, evaluate, len(encoded["train"]), meta
-    )
+    return finetune(model, tokenizer, args, folder, encoded["train"], to_device, loss_fn,
+                    evaluate, meta)  # fmt: skip
 
+
+def _answer(args, folder, model, tokenizer, metrics: dict, test_set: list[dict]) -> None:
+    """The model's responses to the test examples, scored, in responses.json and results.json."""
     merge_lora(model)  # generation runs at the base model's speed
     entries = test_set if args.limit_test is None else test_set[: args.limit_test]
     print(f"writing responses to {len(entries)} test examples", file=sys.stderr)
+    device = model.tok_emb.weight.device
     responses = respond(model, tokenizer, entries, args.max_new_tokens, device, args.quiet)
-    scored = [
-        dict(
-            e,
-            model_response=r,
-            exact_match=exact_match(r, e["output"]),
-            token_f1=token_f1(r, e["output"]),
-        )
-        for e, r in zip(entries, responses, strict=True)
-    ]
+    scored = [dict(e, model_response=r, exact_match=exact_match(r, e["output"]),
+                   token_f1=token_f1(r, e["output"]))
+              for e, r in zip(entries, responses, strict=True)]  # fmt: skip
     scores = {
         "exact_match": sum(s["exact_match"] for s in scored) / len(scored),
         "token_f1": sum(s["token_f1"] for s in scored) / len(scored),
         "n_test": len(scored),
     }
-    out_dir = Path(args.out_dir)
-    (out_dir / "responses.json").write_text(json.dumps(scored, indent=1))
-    (out_dir / "results.json").write_text(json.dumps(metrics | {"test": scores}, indent=1))
-    print(
-        f"test: exact match {scores['exact_match']:.3f}, token F1 {scores['token_f1']:.3f} "
-        f"over {len(scored)} examples; responses in {out_dir / 'responses.json'}"
-    )
+    write_atomically(folder.path / "responses.json", json.dumps(scored, indent=1))
+    write_atomically(folder.path / "results.json", json.dumps(metrics | {"test": scores}, indent=1))
+    print(f"test: exact match {scores['exact_match']:.3f}, token F1 {scores['token_f1']:.3f} over "
+          f"{len(scored)} examples; responses in {folder.path / 'responses.json'}")  # fmt: skip
 
 
 # --8<-- [end:cli]

@@ -26,15 +26,21 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from src.errors import UserError
+
 
 # --8<-- [start:lora_linear]
+def check_rank(rank: int) -> None:
+    if not isinstance(rank, int) or rank <= 0:
+        raise UserError(f"LoRA rank must be a positive integer, got {rank}")
+
+
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable low-rank update ``(alpha / rank) * B @ A``."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
-        if rank <= 0:
-            raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
+        check_rank(rank)
         self.base = base
         self.base.requires_grad_(False)
         self.rank = rank
@@ -80,8 +86,7 @@ def apply_lora(
     module to train fully (a new classification head, say) sets its ``requires_grad`` afterwards.
     Returns the names of the wrapped layers.
     """
-    if rank <= 0:
-        raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
+    check_rank(rank)
     model.requires_grad_(False)
 
     def selected(name: str) -> bool:

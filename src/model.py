@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from src.attention import ATTN_IMPLS, KVCache, MultiHeadAttention
+from src.errors import UserError
 
 
 # --8<-- [start:config]
@@ -39,20 +40,26 @@ class GPTConfig:
     tie_weights: bool = False  # share the token embedding with the output head (GPT-2 does)
 
     def __post_init__(self):
+        """A shape that cannot be built is refused here, the one place that knows the fields."""
+        sizes = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+        for name in sizes:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
         if self.emb_dim % self.n_heads != 0:
-            raise ValueError(
+            raise UserError(
                 f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
             )
         if self.attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+            raise UserError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        if not (isinstance(self.drop_rate, (int, float)) and 0.0 <= self.drop_rate < 1.0):
+            raise UserError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
         """A named preset, with any field overridden: ``GPTConfig.from_preset("gpt2-small", drop_rate=0)``."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+            raise UserError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
         return replace(PRESETS[name], **overrides)
 
     def to_dict(self) -> dict:
@@ -112,14 +119,12 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
-            GELU(),
-            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
-        )
+        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)  # widen
+        self.gelu = GELU()
+        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)  # back to the residual stream
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        return self.proj(self.gelu(self.fc(x)))  # (B, T, emb_dim) -> (B, T, emb_dim)
 
 
 # --8<-- [end:feedforward]
@@ -204,7 +209,7 @@ class GPTModel(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, TransformerBlock):
             residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
-            for proj in (module.att.out_proj, module.ff.layers[2]):
+            for proj in (module.att.out_proj, module.ff.proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=residual_std)
 
     # --8<-- [end:init]

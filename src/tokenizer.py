@@ -32,6 +32,9 @@ from typing import Literal
 import regex
 import tiktoken
 
+from src.errors import UserError
+from src.files import write_atomically
+
 # --8<-- [start:pattern]
 # GPT-2's split pattern as tiktoken writes it: contractions, letters, digits, other symbols, each
 # with at most one leading space; then whitespace: `\s++$` takes it all at the end of the text,
@@ -148,7 +151,7 @@ class BPETokenizer:
         """
         special_tokens = list(dict.fromkeys(special_tokens))
         if vocab_size < 256 + len(special_tokens):
-            raise ValueError(
+            raise UserError(
                 f"vocab_size={vocab_size} is too small: need at least 256 byte "
                 f"tokens + {len(special_tokens)} special = {256 + len(special_tokens)}"
             )
@@ -291,27 +294,33 @@ class BPETokenizer:
 
     # --8<-- [start:save]
     def save(self, path: str | Path) -> None:
-        """Write a JSON file a person can read: tokens in rank order, in GPT-2's printable form."""
+        """Write a JSON file a person can read: tokens in rank order, in GPT-2's printable form,
+        and the fingerprint, so that a damaged file is caught when it is loaded."""
         tokens = [bytes_to_printable(self._decoder[r]) for r in range(len(self.mergeable_ranks))]
         model = {
             "format": "byte-level-bpe",
             "version": 1,
             "pattern": self.pattern,
             "special_tokens": self.special_tokens,
+            "fingerprint": self.fingerprint,
             "tokens": tokens,
         }
-        Path(path).write_text(json.dumps(model, ensure_ascii=False, indent=0) + "\n", "utf-8")
+        write_atomically(path, json.dumps(model, ensure_ascii=False, indent=0) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "BPETokenizer":
+        """The tokenizer ``save`` wrote; a file that is not one, or is damaged, is a ``UserError``."""
         try:
             model = json.loads(Path(path).read_text("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read a tokenizer from {path}: {err}") from None
-        if not isinstance(model, dict) or model.get("format") != "byte-level-bpe":
-            raise ValueError(f"{path} is not a tokenizer saved by BPETokenizer.save")
-        ranks = {printable_to_bytes(t): r for r, t in enumerate(model.get("tokens", []))}
-        return cls(ranks, model.get("special_tokens"), model.get("pattern", GPT2_PATTERN))
+            if not isinstance(model, dict) or model.get("format") != "byte-level-bpe":
+                raise ValueError("it is not a tokenizer saved by BPETokenizer.save")
+            ranks = {printable_to_bytes(t): r for r, t in enumerate(model["tokens"])}
+            tokenizer = cls(ranks, model["special_tokens"], model["pattern"])
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+            raise UserError(f"cannot read a tokenizer from {path}: {err}") from None
+        if model.get("fingerprint", tokenizer.fingerprint) != tokenizer.fingerprint:
+            raise UserError(f"{path} is damaged: its tokens do not match its fingerprint")
+        return tokenizer
 
     # --8<-- [end:save]
 
@@ -321,19 +330,27 @@ class BPETokenizer:
         """Load OpenAI's GPT-2 format: ``encoder.json`` maps printable token strings to ids, and
         ``vocab.bpe`` lists the merges in rank order. A token that is neither a byte nor a merge
         result (``<|endoftext|>``) is special."""
-        encoder = json.loads(Path(encoder_json).read_text("utf-8"))
-        lines = Path(vocab_bpe).read_text("utf-8").splitlines()
+        try:
+            encoder = json.loads(Path(encoder_json).read_text("utf-8"))
+            lines = Path(vocab_bpe).read_text("utf-8").splitlines()
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(
+                f"cannot read GPT-2's files {encoder_json}, {vocab_bpe}: {err}"
+            ) from None
         merges = [line.split(" ") for line in lines[1:] if line]  # line 0 is "#version: ..."
-        if any(len(m) != 2 for m in merges):
-            raise ValueError(f"{vocab_bpe}: every line after the first must be two tokens")
+        if not isinstance(encoder, dict) or any(len(m) != 2 for m in merges):
+            raise UserError(f"{vocab_bpe}: every line after the first must be two tokens")
         ranks: dict[bytes, int] = {}
         for s in [BYTE_TO_CHAR[b] for b in BYTE_ORDER] + [a + b for a, b in merges]:
             if s not in encoder:
-                raise ValueError(f"{vocab_bpe} and {encoder_json} disagree: {s!r} has no id")
+                raise UserError(f"{vocab_bpe} and {encoder_json} disagree: {s!r} has no id")
             ranks[printable_to_bytes(s)] = encoder[s]
         merged = {bytes_to_printable(t) for t in ranks}
         special = {s: i for s, i in encoder.items() if s not in merged}
-        return cls(ranks, special, GPT2_PATTERN)
+        try:
+            return cls(ranks, special, GPT2_PATTERN)
+        except ValueError as err:
+            raise UserError(f"{encoder_json}: {err}") from None
 
     def save_gpt2_files(self, encoder_json: str | Path, vocab_bpe: str | Path) -> None:
         """Write ``encoder.json`` and ``vocab.bpe``. Each token's merge is recovered by encoding its
@@ -380,10 +397,6 @@ def _split_specials(text: str, specials: Collection[str]) -> list[str]:
 
 
 # --8<-- [start:get_tokenizer]
-class TokenizerNotFound(ValueError):
-    """The tokenizer a spec names cannot be had (missing path, no network for tiktoken's files)."""
-
-
 def get_tokenizer(spec: str):
     """``"gpt2"``: tiktoken's GPT-2 encoding; a directory with ``encoder.json`` and ``vocab.bpe``:
     our BPE from GPT-2's files; a file: our BPE saved with ``save``."""
@@ -391,7 +404,7 @@ def get_tokenizer(spec: str):
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception as err:  # tiktoken fetches its files over HTTP on first use
-            raise TokenizerNotFound(
+            raise UserError(
                 "tiktoken could not fetch GPT-2's files (offline?): connect once so they are "
                 "cached, or pass a directory holding GPT-2's encoder.json and vocab.bpe "
                 f"({type(err).__name__})"
@@ -400,11 +413,11 @@ def get_tokenizer(spec: str):
     if path.is_dir():
         encoder, merges = path / "encoder.json", path / "vocab.bpe"
         if not (encoder.is_file() and merges.is_file()):
-            raise TokenizerNotFound(f"{path} must hold GPT-2's encoder.json and vocab.bpe")
+            raise UserError(f"{path} must hold GPT-2's encoder.json and vocab.bpe")
         return BPETokenizer.from_gpt2_files(encoder, merges)
     if path.is_file():
         return BPETokenizer.load(path)
-    raise TokenizerNotFound(
+    raise UserError(
         f"no tokenizer {spec!r}: expected 'gpt2', a directory with GPT-2's "
         "files, or a file saved by BPETokenizer.save"
     )

@@ -1,6 +1,7 @@
 """Classification finetuning: data checks, last-token pooling, and a tiny model that learns a rule."""
 
 import csv
+import hashlib
 import io
 import json
 import random
@@ -10,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from src.checkpoints import find_checkpoint, load_checkpoint_meta, save_checkpoint
 from src.classify import (
     balance,
     check_labels,
@@ -21,10 +23,9 @@ from src.classify import (
     read_table,
     split_rows,
 )
-from src.data import DataError
+from src.errors import UserError
 from src.model import GPTConfig, GPTModel
 from src.tokenizer import BPETokenizer
-from src.training import find_checkpoint, load_checkpoint_meta, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,7 +48,7 @@ def test_read_table_csv_and_tsv(tmp_path):
 def test_missing_column_names_the_column_and_the_columns_present(tmp_path):
     path = write_csv(tmp_path / "d.csv", [("x", "a")], header=("message", "label"))
     with pytest.raises(
-        DataError, match=r"has no column 'text' \(its columns: message, label\).*--text-column"
+        UserError, match=r"has no column 'text' \(its columns: message, label\).*--text-column"
     ):
         read_table(path, "text", "label")
 
@@ -55,11 +56,11 @@ def test_missing_column_names_the_column_and_the_columns_present(tmp_path):
 def test_label_outside_the_label_set_is_reported_with_its_row():
     rows = [("x", "ham"), ("y", "spam"), ("z", "spma")]
     with pytest.raises(
-        DataError, match=r"d.csv row 3: label 'spma' is not in the label set \(ham, spam\)"
+        UserError, match=r"d.csv row 3: label 'spma' is not in the label set \(ham, spam\)"
     ):
         check_labels(rows, ["ham", "spam"], "d.csv")
     assert check_labels(rows[:2], None, "d.csv") == ["ham", "spam"]
-    with pytest.raises(DataError, match="at least two labels"):
+    with pytest.raises(UserError, match="at least two labels"):
         check_labels([("x", "a")], None, "d.csv")
 
 
@@ -99,22 +100,31 @@ def sms_archive(lines: list[str]) -> bytes:
 def test_sms_spam_downloads_validates_and_caches(tmp_path):
     archive = tmp_path / "sms.zip"
     archive.write_bytes(sms_archive(["ham\tSee you at 5", "spam\tWIN a prize now!!", "ham\tok"]))
-    rows = load_sms_spam(tmp_path / "cache", url=archive.as_uri())
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    rows = load_sms_spam(tmp_path / "cache", url=archive.as_uri(), sha256=digest)
     assert rows == [("See you at 5", "ham"), ("WIN a prize now!!", "spam"), ("ok", "ham")]
     archive.unlink()  # the second call must not need the source again
-    assert load_sms_spam(tmp_path / "cache", url=archive.as_uri()) == rows
+    assert load_sms_spam(tmp_path / "cache", url=archive.as_uri(), sha256=digest) == rows
 
 
-def test_sms_spam_with_the_wrong_structure_is_refused_and_not_cached(tmp_path):
+def test_sms_spam_with_another_checksum_is_refused_and_not_cached(tmp_path):
+    archive = tmp_path / "sms.zip"
+    archive.write_bytes(sms_archive(["ham\tSee you at 5", "spam\tWIN a prize now!!"]))
+    with pytest.raises(UserError, match="checksum mismatch .* expected sha256 1587ea43"):
+        load_sms_spam(tmp_path / "cache", url=archive.as_uri())  # the published archive's hash
+    assert not (tmp_path / "cache" / "downloads").exists()
+
+
+def test_sms_spam_with_the_wrong_structure_is_refused(tmp_path):
     archive = tmp_path / "sms.zip"
     archive.write_bytes(sms_archive(["ham\tfine", "label,text"]))
-    with pytest.raises(DataError, match="line 2: expected 'ham' or 'spam', a tab, and a message"):
-        load_sms_spam(tmp_path / "cache", url=archive.as_uri())
-    assert not (tmp_path / "cache" / "sms-spam" / "SMSSpamCollection").exists()
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    with pytest.raises(UserError, match="line 2: expected 'ham' or 'spam', a tab, and a message"):
+        load_sms_spam(tmp_path / "cache", url=archive.as_uri(), sha256=digest)
 
 
 def test_sms_spam_offline_says_what_to_do(tmp_path):
-    with pytest.raises(DataError, match="could not download the SMS Spam Collection.*--data"):
+    with pytest.raises(UserError, match="could not get the SMS Spam Collection.*--data"):
         load_sms_spam(tmp_path / "cache", url="http://127.0.0.1:9/sms.zip")  # nothing listens there
 
 
@@ -211,7 +221,7 @@ def test_lora_rank_must_be_positive_on_the_command_line(tmp_path, capsys):
         ]
     )
     assert code == 2
-    assert "--lora-rank must be a positive integer, got 0" in capsys.readouterr().err
+    assert "LoRA rank must be a positive integer, got 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -224,7 +234,7 @@ def base_checkpoint(tmp_path):
     meta = {
         "step": 0,
         "config": base.cfg.to_dict(),
-        "tokenizer": {"ref": str(tmp_path / "tok.json")},
+        "tokenizer": {"ref": str(tmp_path / "tok.json"), "fingerprint": tokenizer.fingerprint},
     }
     save_checkpoint(tmp_path / "base", base, torch.optim.AdamW(base.parameters()), tokenizer, meta)
     return data, base
@@ -234,7 +244,7 @@ def test_last_block_from_a_base_checkpoint_leaves_the_lower_blocks_untouched(tmp
     data, base = base_checkpoint(tmp_path)
     out = tmp_path / "run"
     code = main([
-        "--data", str(data), "--base-checkpoint", str(tmp_path / "base"), "--trainable", "last-block",
+        "--data", str(data), "--checkpoint", str(tmp_path / "base"), "--trainable", "last-block",
         "--epochs", "1", "--lr", "1e-2", "--out-dir", str(out), "--quiet", "--device", "cpu",
     ])  # fmt: skip
     assert code == 0
@@ -243,7 +253,7 @@ def test_last_block_from_a_base_checkpoint_leaves_the_lower_blocks_untouched(tmp
     for name in (
         "tok_emb.weight",
         "trf_blocks.0.att.W_query.weight",
-        "trf_blocks.0.ff.layers.0.weight",
+        "trf_blocks.0.ff.fc.weight",
     ):
         assert torch.equal(after[name], before[name]), name
     assert not torch.equal(
@@ -257,7 +267,7 @@ def test_lora_run_saves_a_plain_model_with_the_update_merged(tmp_path):
     data, base = base_checkpoint(tmp_path)
     out = tmp_path / "run"
     code = main([
-        "--data", str(data), "--base-checkpoint", str(tmp_path / "base"), "--trainable", "lora",
+        "--data", str(data), "--checkpoint", str(tmp_path / "base"), "--trainable", "lora",
         "--lora-rank", "4", "--epochs", "1", "--lr", "1e-2", "--out-dir", str(out), "--quiet",
         "--device", "cpu",
     ])  # fmt: skip
@@ -268,6 +278,6 @@ def test_lora_run_saves_a_plain_model_with_the_update_merged(tmp_path):
     # Frozen: embeddings and norms. Changed through merged LoRA updates: every block's Linear weights.
     for name in ("tok_emb.weight", "trf_blocks.0.norm1.scale"):
         assert torch.equal(after[name], before[name]), name
-    for name in ("trf_blocks.0.att.W_query.weight", "trf_blocks.1.ff.layers.2.weight"):
+    for name in ("trf_blocks.0.att.W_query.weight", "trf_blocks.1.ff.proj.weight"):
         assert not torch.equal(after[name], before[name]), name
     assert load_checkpoint_meta(find_checkpoint(out))["lora"]["rank"] == 4

@@ -1,5 +1,5 @@
 """The data pipeline: corpus sources and their errors, cached tokenizers and token files (never
-stale), the train/val split, sliding windows and random batches."""
+stale, damage detected and repaired), the train/val split, sliding windows and the batching rule."""
 
 import hashlib
 
@@ -9,18 +9,16 @@ import tiktoken
 import torch
 
 from src.data import (
-    DataError,
     GPTDataset,
-    RandomBatchSampler,
     _chunks,
-    create_dataloader,
-    default_cache_dir,
-    get_batch,
     load_corpus,
     split_tokens,
+    step_batch,
     tokenize_cached,
     train_tokenizer_cached,
 )
+from src.errors import UserError
+from src.files import cache_dir
 from src.tokenizer import BPETokenizer
 
 TEXT = "The cat sat.\n\nOn the mat,  it  sat\n   again <|endoftext|> and again!\n" * 50
@@ -54,9 +52,9 @@ def test_url_corpus_is_checked_and_cached(tmp_path):
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     url = f"{source.as_uri()}#sha256={digest}"
     cache = tmp_path / "cache"
-    assert load_corpus(url, cache_dir=cache).text == "Once upon a time."
+    assert load_corpus(url, cache=cache).text == "Once upon a time."
     source.unlink()  # the cached copy serves from now on
-    corpus = load_corpus(url, cache_dir=cache)
+    corpus = load_corpus(url, cache=cache)
     assert corpus.text == "Once upon a time." and corpus.name == "story"
 
 
@@ -85,16 +83,16 @@ def test_url_corpus_is_checked_and_cached(tmp_path):
     ],
 )
 def test_bad_corpora_get_clear_errors(tmp_path, make, message):
-    with pytest.raises(DataError, match=message):
-        load_corpus(make(tmp_path), cache_dir=tmp_path / "cache")
+    with pytest.raises(UserError, match=message):
+        load_corpus(make(tmp_path), cache=tmp_path / "cache")
 
 
 def test_cache_dir_defaults_to_home_and_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("GPT_CACHE_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert default_cache_dir() == tmp_path / ".cache" / "gpt-from-scratch"
+    assert cache_dir() == tmp_path / ".cache" / "gpt-from-scratch"
     monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "elsewhere"))
-    assert default_cache_dir() == tmp_path / "elsewhere"
+    assert cache_dir() == tmp_path / "elsewhere"
 
 
 def test_tokenizer_is_trained_once_and_then_loaded(tmp_path):
@@ -160,7 +158,7 @@ def test_split_is_by_position():
     tokens = np.arange(1000, dtype=np.uint16)
     train, val = split_tokens(tokens, val_fraction=0.1)
     assert train.tolist() == list(range(900)) and val.tolist() == list(range(900, 1000))
-    with pytest.raises(DataError, match="val_fraction must be between 0 and 1, got 1.5"):
+    with pytest.raises(UserError, match="val_fraction must be between 0 and 1, got 1.5"):
         split_tokens(tokens, 1.5)
 
 
@@ -181,43 +179,35 @@ def test_dataset_windows_are_shifted_by_one(n, context_length, stride):
 
 
 def test_corpus_shorter_than_one_window_is_rejected():
-    for make in [
-        lambda t: GPTDataset(t, 8, 8),
-        lambda t: get_batch(t, 2, 8),
-        lambda t: RandomBatchSampler(t, 2, 8),
-    ]:
-        with pytest.raises(
-            DataError,
-            match="shorter than one context window: 8 tokens, need "
-            "at least context_length \\+ 1 = 9",
-        ):
-            make(np.arange(8, dtype=np.uint16))
+    with pytest.raises(
+        UserError,
+        match="shorter than one context window: 8 tokens, need at least context_length \\+ 1 = 9",
+    ):
+        GPTDataset(np.arange(8, dtype=np.uint16), 8, 8)
 
 
-def test_dataloader_batches_are_seeded():
+def test_a_batch_stacks_the_windows_it_names():
     tokens = np.arange(1000, dtype=np.uint16)
-
-    def first(seed):
-        loader = create_dataloader(
-            tokens, 4, 16, 16, shuffle=True, generator=torch.Generator().manual_seed(seed)
-        )
-        return next(iter(loader))
-
-    (x, y), (x2, _), (x3, _) = first(0), first(0), first(1)
-    assert x.shape == y.shape == (4, 16) and torch.equal(y, x + 1)
-    assert torch.equal(x, x2) and not torch.equal(x, x3)
-    loader = create_dataloader(tokens, 4, 16, 16, shuffle=False, drop_last=True)
-    assert len(loader) == len(GPTDataset(tokens, 16, 16)) // 4
+    dataset = GPTDataset(tokens, 16, 16)
+    x, y = dataset.batch(torch.tensor([3, 0, 7]))
+    assert x.shape == y.shape == (3, 16) and x.dtype == torch.long
+    assert x[:, 0].tolist() == [48, 0, 112] and torch.equal(y, x + 1)
 
 
-def test_random_batches_are_real_windows_and_reproducible():
-    tokens = np.arange(5000, dtype=np.uint16)  # each token is its own position
-    x, y = get_batch(tokens, 8, 32, torch.Generator().manual_seed(3))
-    assert x.shape == y.shape == (8, 32) and x.dtype == torch.long
-    assert torch.equal(x - x[:, :1], torch.arange(32).expand(8, 32))  # contiguous windows
-    assert torch.equal(y, x + 1) and int(y.max()) < 5000
-    sampler = iter(RandomBatchSampler(tokens, 8, 32, torch.Generator().manual_seed(3)))
-    assert torch.equal(next(sampler)[0], x)
+def test_the_batch_of_a_step_depends_on_the_step_alone():
+    n, batch_size, seed = 37, 5, 11  # 7 steps per epoch; two windows are left out of each epoch
+    epoch = [step_batch(s, n, batch_size, seed) for s in range(7)]
+    seen = torch.cat(epoch)
+    assert len(set(seen.tolist())) == 35 and int(seen.max()) < n  # no window twice in an epoch
+    assert torch.equal(step_batch(3, n, batch_size, seed), epoch[3])  # asked again: the same
+    assert not torch.equal(step_batch(7, n, batch_size, seed), epoch[0])  # a new epoch, new order
+    assert not torch.equal(step_batch(0, n, batch_size, seed + 1), epoch[0])  # another seed
+    # The reference: one permutation per epoch from (seed, epoch), sliced in steps.
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + 1))
+    assert torch.equal(step_batch(9, n, batch_size, seed), order[10:15])
+    for bad in (0, n + 1):
+        with pytest.raises(UserError, match=f"a batch of {bad} needs"):
+            step_batch(0, n, bad, seed)
 
 
 def _write(folder, text):
@@ -230,3 +220,37 @@ def _saved(folder, tok):
     path = folder / "tok.json"
     tok.save(path)
     return path
+
+
+@pytest.mark.parametrize("damage", ["odd", "even", "flipped", "empty"])
+def test_a_damaged_token_cache_is_noticed_and_rebuilt(tmp_path, tok, damage, capsys):
+    corpus = load_corpus(str(_write(tmp_path, TEXT)))
+    expected = tokenize_cached(corpus, tok, tmp_path).tolist()
+    (path,) = (tmp_path / "tokens").iterdir()
+    data = path.read_bytes()
+    damaged = {
+        "odd": data[:-3],  # cut mid-token
+        "even": data[: len(data) // 2],  # cut at a token boundary: readable, but a fifth of it
+        "flipped": data[:-1] + bytes([data[-1] ^ 1]),
+        "empty": b"",
+    }[damage]
+    path.write_bytes(damaged)
+    assert tokenize_cached(corpus, tok, tmp_path).tolist() == expected
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "token cache" in err and "tokenizing the corpus again" in err
+    assert path.read_bytes() == data  # repaired
+
+
+def test_a_damaged_tokenizer_cache_is_noticed_and_retrained(tmp_path, capsys):
+    corpus = load_corpus(str(_write(tmp_path, TEXT)))
+    first = train_tokenizer_cached(corpus, 280, tmp_path)
+    (path,) = (tmp_path / "tokenizers").iterdir()
+    lines = path.read_text().splitlines()
+    at = lines.index('"tokens": [') + 261  # two learned tokens, swapped: it parses, but lies
+    swapped = [*lines[:at], lines[at + 1], lines[at], *lines[at + 2 :]]
+    for damaged in (path.read_text()[:-40], "\n".join(swapped), "{}"):
+        path.write_text(damaged)
+        again = train_tokenizer_cached(corpus, 280, tmp_path)
+        assert again.mergeable_ranks == first.mergeable_ranks
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "training the tokenizer again" in err, err

@@ -161,7 +161,7 @@ def test_cli_streams_same_text_with_and_without_cache(checkpoint):
 def test_cli_errors_are_one_line(tmp_path, checkpoint):
     for args, message in [
         (["--checkpoint", str(tmp_path)], "no checkpoint in"),
-        (["--checkpoint", str(checkpoint), "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--checkpoint", str(checkpoint), "--top-p", "1.5"], "top_p must be in (0, 1]"),
     ]:
         res = run_generate(*args)
         assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr
@@ -171,7 +171,7 @@ def test_cli_prints_characters_split_across_tokens_and_survives_invalid_bytes(
     checkpoint, monkeypatch, capsys
 ):
     from src import generate as cli
-    from src.training import load_model
+    from src.checkpoints import load_model
 
     _, tokenizer, _ = load_model(checkpoint, torch.device("cpu"))
     byte_id = {tokenizer.decode_bytes([i]): i for i in range(256, -1, -1) if i < tokenizer.n_vocab}

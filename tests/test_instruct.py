@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from src.data import DataError
+from src.errors import UserError
 from src.instruct import (
     collate,
     encode_example,
@@ -77,7 +77,7 @@ class Chars:
     eot_token = 0
     n_vocab = 128
 
-    def encode(self, text):
+    def encode(self, text, disallowed_special=()):
         return [ord(c) for c in text]
 
     def decode(self, ids):
@@ -96,7 +96,7 @@ def test_encode_example_appends_end_of_text_and_counts_the_prompt():
 def test_too_long_example_errors_or_is_truncated_by_flag(capsys):
     entry = {"instruction": "I", "input": "", "output": "a long answer"}
     with pytest.raises(
-        DataError, match="train example 3 has .* tokens, more than the 50 .*--too-long truncate"
+        UserError, match="train example 3 has .* tokens, more than the 50 .*--too-long truncate"
     ):
         encode_example(entry, Chars(), max_tokens=50, too_long="error", where="train example 3")
     ids, _ = encode_example(
@@ -126,7 +126,7 @@ def test_scores():
 def test_bad_json_is_reported(tmp_path, content, message):
     path = tmp_path / "data.json"
     path.write_text(content)
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(UserError, match=message):
         load_instructions(path)
 
 

@@ -52,7 +52,7 @@ def test_init_scales_residual_projections():
     block = model.trf_blocks[0]
     expected = 0.02 / (2 * cfg.n_layers) ** 0.5
     assert block.att.out_proj.weight.std().item() == pytest.approx(expected, rel=0.05)
-    assert block.ff.layers[2].weight.std().item() == pytest.approx(expected, rel=0.05)
+    assert block.ff.proj.weight.std().item() == pytest.approx(expected, rel=0.05)
     assert block.att.W_query.weight.std().item() == pytest.approx(0.02, rel=0.05)
 
 

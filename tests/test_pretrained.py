@@ -11,7 +11,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from src import generate, gpt2
-from src.gpt2 import WeightsNotFound, download_gpt2, load_pretrained
+from src.errors import UserError
+from src.gpt2 import download_gpt2, load_pretrained
 from src.tokenizer import BPETokenizer
 
 
@@ -59,12 +60,12 @@ def test_bare_safetensors_file_infers_its_config(hf_folder, tmp_path):
 
 
 def test_missing_path_says_what_is_expected(tmp_path):
-    with pytest.raises(WeightsNotFound, match="no such file or folder; expected one of gpt2"):
+    with pytest.raises(UserError, match="no such file or folder; expected one of gpt2"):
         load_pretrained(tmp_path / "nowhere")
 
 
 def test_folder_without_weights_is_reported(tmp_path):
-    with pytest.raises(WeightsNotFound, match="holds no model.safetensors"):
+    with pytest.raises(UserError, match="holds no model.safetensors"):
         load_pretrained(tmp_path)
 
 
@@ -78,7 +79,7 @@ def test_offline_and_not_cached_says_what_to_do(tmp_path, monkeypatch):
 
     # The same path a machine without network takes, without waiting for DNS and retries.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(WeightsNotFound) as err:
+    with pytest.raises(UserError) as err:
         download_gpt2("gpt2", cache_dir=tmp_path)
     message = str(err.value)
     assert "https://huggingface.co/openai-community/gpt2" in message
@@ -90,7 +91,7 @@ def test_offline_load_by_name_raises_the_same_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(gpt2, "download_gpt2", lambda name: download_gpt2(name, tmp_path))
-    with pytest.raises(WeightsNotFound, match="could not download gpt2-medium"):
+    with pytest.raises(UserError, match="could not download gpt2-medium"):
         load_pretrained("gpt2-medium")
 
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from tiktoken_ext.openai_public import r50k_pat_str
 
 from src.data import load_corpus
-from src.tokenizer import BPETokenizer, TokenizerNotFound, get_tokenizer
+from src.errors import UserError
+from src.tokenizer import BPETokenizer, get_tokenizer
 
 EOT = "<|endoftext|>"
 
@@ -283,10 +284,10 @@ def test_get_tokenizer_resolves_directories_and_saved_files(tok, tmp_path):
     for spec in [tmp_path / "saved.json", tmp_path]:
         got = get_tokenizer(str(spec))
         assert isinstance(got, BPETokenizer) and got.mergeable_ranks == tok.mergeable_ranks
-    with pytest.raises(TokenizerNotFound, match="no tokenizer 'nowhere/tok.json'"):
+    with pytest.raises(UserError, match="no tokenizer 'nowhere/tok.json'"):
         get_tokenizer("nowhere/tok.json")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(TokenizerNotFound, match="must hold GPT-2's encoder.json and vocab.bpe"):
+    with pytest.raises(UserError, match="must hold GPT-2's encoder.json and vocab.bpe"):
         get_tokenizer(str(tmp_path / "empty"))
 
 
@@ -295,7 +296,7 @@ def test_get_tokenizer_gpt2_offline_says_how_to_proceed(monkeypatch):
         raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(TokenizerNotFound, match="offline.*directory holding GPT-2's encoder.json"):
+    with pytest.raises(UserError, match="offline.*directory holding GPT-2's encoder.json"):
         get_tokenizer("gpt2")
 
 
