@@ -208,8 +208,9 @@ def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
     except pickle.UnpicklingError:
         raise UserError(f"{path} is not an optimizer state this project wrote: it is damaged, "
                         "or holds objects other than tensors, which are never unpickled") from None  # fmt: skip
-    except (OSError, RuntimeError, EOFError) as err:
-        raise UserError(f"{path} is damaged ({str(err).splitlines()[0]})") from None
+    # The unpickler's other errors (an empty or cut file, garbage) all mean: this file is damaged.
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"{path} is damaged ({type(err).__name__}: {str(err)[:80]})") from None
     try:
         optimizer.load_state_dict(state)
     except (ValueError, KeyError, TypeError, IndexError) as err:

@@ -54,6 +54,7 @@ from src.finetune import (
     fit_to_context,
     in_order,
     load_base_model,
+    plan,
     set_trainable,
 )
 from src.model import GPTModel
@@ -327,8 +328,9 @@ def _run(args: argparse.Namespace) -> None:
         raise UserError("--data is required to train (a CSV/TSV file or 'sms-spam')")
     with claim_out_dir(args) as folder:
         splits, labels = _load_splits(args, fractions)
+        schedule = plan(args, len(splits["train"]))
         model, tokenizer, base = load_base_model(args)
-        _train(args, folder, model, tokenizer, base, splits, labels)
+        _train(args, folder, schedule, model, tokenizer, base, splits, labels)
 
 
 def _load_splits(args, fractions) -> tuple[dict[str, list], list[str]]:
@@ -355,7 +357,7 @@ def _load_splits(args, fractions) -> tuple[dict[str, list], list[str]]:
     return splits, labels
 
 
-def _train(args, folder, model, tokenizer, base, splits, labels) -> None:
+def _train(args, folder, schedule, model, tokenizer, base, splits, labels) -> None:
     """Encode the splits, put a classification head on the model, finetune, report, save."""
     label_id = {label: i for i, label in enumerate(labels)}
     limit = model.cfg.context_length
@@ -392,8 +394,8 @@ def _train(args, folder, model, tokenizer, base, splits, labels) -> None:
         return result
 
     meta = base | {"labels": labels, "lora": lora}
-    metrics = finetune(model, tokenizer, args, folder, encoded["train"], to_device, loss_fn,
-                       evaluate, meta)  # fmt: skip
+    metrics = finetune(model, tokenizer, args, folder, schedule, encoded["train"], to_device,
+                       loss_fn, evaluate, meta)  # fmt: skip
     final = evaluate(final=True)
     for split in ("train", "val", "test"):
         print(

@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -54,6 +55,9 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, **kwargs):
         super().__init__(formatter_class=HelpFormatter, **kwargs)
+        # argparse reads "-1e-3" as a flag, not a number: "--min-lr -1e-3" would be refused as
+        # "expected one argument" instead of for what it is, a negative learning rate.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$")
 
     def error(self, message):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)

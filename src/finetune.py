@@ -60,7 +60,7 @@ def add_finetune_arguments(
     t("--min-lr", type=float, help="learning rate reached at the end by cosine decay; --lr (a "
       "constant rate) when not given")  # fmt: skip
     t("--warmup-steps", type=count, default=0, help="steps of linear warmup")
-    t("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
+    t("--weight-decay", type=non_negative, default=0.1, help="AdamW weight decay on matrices")
     t("--grad-clip", type=non_negative, default=1.0, help="clip the gradient norm to this (0: off)")
     t("--too-long", choices=("error", "truncate"), default="error",
       help="an example longer than the context: stop with an error, or cut it and warn")  # fmt: skip
@@ -166,6 +166,19 @@ def describe_trainable(model: nn.Module) -> str:
 
 
 # --8<-- [start:finetune]
+def plan(args: argparse.Namespace, n_train: int) -> Schedule:
+    """The learning rate of every step, checked as soon as the data's size is known, before any
+    model is loaded: ``--epochs`` passes over ``n_train`` examples in batches of ``--batch-size``
+    (an epoch's last partial batch is dropped, as in ``step_batch``)."""
+    steps_per_epoch = n_train // args.batch_size
+    if steps_per_epoch < 1:
+        raise UserError(
+            f"--batch-size {args.batch_size} is larger than the {n_train} training examples"
+        )
+    min_lr = args.lr if args.min_lr is None else args.min_lr
+    return Schedule(args.lr, min_lr, args.warmup_steps, args.epochs * steps_per_epoch)
+
+
 def in_order(examples: Sequence, batch_size: int):
     """Consecutive groups of ``batch_size`` examples, the last perhaps smaller: for evaluation,
     which must see every example, in the same order each time."""
@@ -178,13 +191,14 @@ def finetune(
     tokenizer,
     args: argparse.Namespace,
     folder: RunFolder,
+    schedule: Schedule,
     train_examples: Sequence,
     collate: Callable[[list], object],
     loss_fn: Callable[[object], torch.Tensor],
     evaluate: Callable[[], dict],
     meta: dict,
 ) -> dict:
-    """Train for ``args.epochs`` epochs; evaluate before and after each; save after each.
+    """Train along ``schedule`` (from ``plan``); evaluate before and after each epoch; save after each.
 
     The batch of step ``s`` is ``collate`` of the examples ``step_batch`` picks, ``loss_fn(batch)``
     its mean loss, ``evaluate()`` a dict of numbers. Every evaluation is appended to
@@ -197,11 +211,7 @@ def finetune(
     optimizer = adamw(model, args.lr, args.weight_decay)
     scaler = grad_scaler(model.tok_emb.weight.device, args.dtype)  # a no-op unless fp16
     n = len(train_examples)
-    steps_per_epoch = n // args.batch_size  # an epoch's last partial batch is dropped
-    if steps_per_epoch < 1:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {n} training examples")
-    schedule = Schedule(args.lr, args.lr if args.min_lr is None else args.min_lr,
-                        args.warmup_steps, args.epochs * steps_per_epoch)  # fmt: skip
+    steps_per_epoch = n // args.batch_size
     start = time.perf_counter()
     first = record(log, {"epoch": 0, "step": 0} | evaluate())
     last = first

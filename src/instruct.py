@@ -44,6 +44,7 @@ from src.finetune import (
     fit_to_context,
     in_order,
     load_base_model,
+    plan,
     set_trainable,
 )
 from src.generate import generate
@@ -246,6 +247,7 @@ def _run(args: argparse.Namespace) -> None:
         train_set, val_set, test_set = split_instructions(data)
         if not (train_set and val_set and test_set):
             raise UserError(f"{args.data}: {len(data)} entries are too few for an 85/5/10 split")
+        schedule = plan(args, len(train_set))
         model, tokenizer, base = load_base_model(args)
         if tokenizer.eot_token is None:
             raise UserError("the tokenizer has no <|endoftext|> token; instruction data needs one")
@@ -257,11 +259,11 @@ def _run(args: argparse.Namespace) -> None:
                    for i, e in enumerate(split)]
             for name, split in (("train", train_set), ("val", val_set))
         }  # fmt: skip
-        metrics = _train(args, folder, model, tokenizer, base, encoded)
+        metrics = _train(args, folder, schedule, model, tokenizer, base, encoded)
         _answer(args, folder, model, tokenizer, metrics, test_set)
 
 
-def _train(args, folder, model, tokenizer, base, encoded) -> dict:
+def _train(args, folder, schedule, model, tokenizer, base, encoded) -> dict:
     lora = set_trainable(model, args.trainable, args.lora_rank, args.lora_alpha)
     device = model.tok_emb.weight.device
 
@@ -289,8 +291,8 @@ def _train(args, folder, model, tokenizer, base, encoded) -> dict:
         return result
 
     meta = base | {"lora": lora, "mask_prompt": args.mask_prompt}
-    return finetune(model, tokenizer, args, folder, encoded["train"], to_device, loss_fn,
-                    evaluate, meta)  # fmt: skip
+    return finetune(model, tokenizer, args, folder, schedule, encoded["train"], to_device,
+                    loss_fn, evaluate, meta)  # fmt: skip
 
 
 def _answer(args, folder, model, tokenizer, metrics: dict, test_set: list[dict]) -> None:

@@ -89,6 +89,37 @@ from src.training import (
 DEFAULT_MAX_STEPS = 200
 
 
+# --8<-- [start:minimal]
+def train_minimal(model, train_set: GPTDataset, val_set: GPTDataset, steps: int, batch_size: int,
+                  lr: float, weight_decay: float = 0.1, grad_clip: float = 1.0, seed: int = 123,
+                  eval_every: int = 10) -> list[float]:  # fmt: skip
+    """The whole idea of pretraining in one loop: the trainer below adds to this, and nothing else.
+
+    Returns the training loss of every step; prints the validation loss every ``eval_every``."""
+    optimizer = adamw(model, lr, weight_decay)
+    losses = []
+    for step in range(steps):
+        model.train()
+        x, y = train_set.batch(step_batch(step, len(train_set), batch_size, seed))  # (B, T) each
+        loss = cross_entropy(model(x), y)  # forward: mean -log p(next token)
+        loss.backward()  # backward: d loss / d every weight
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # no giant steps
+        optimizer.step()  # AdamW: move every weight a little downhill
+        optimizer.zero_grad(set_to_none=True)  # gradients add up unless cleared
+        losses.append(loss.item())
+        if (step + 1) % eval_every == 0:
+            model.eval()
+            with torch.no_grad():
+                x, y = val_set.batch(torch.arange(min(batch_size, len(val_set))))
+                print(
+                    f"step {step + 1}: train {loss.item():.3f}, val {cross_entropy(model(x), y).item():.3f}"
+                )
+    return losses
+
+
+# --8<-- [end:minimal]
+
+
 # --8<-- [start:cli]
 def build_parser() -> Parser:
     p = Parser(
@@ -120,7 +151,7 @@ def build_parser() -> Parser:
     a("--max-steps", type=positive_int,
       help=f"optimizer steps to train for; {DEFAULT_MAX_STEPS} unless --epochs is given")  # fmt: skip
     a("--epochs", type=positive, help="passes over the training split (instead of --max-steps)")
-    a("--weight-decay", type=float, default=0.1, help="AdamW decay on weight matrices")
+    a("--weight-decay", type=non_negative, default=0.1, help="AdamW decay on weight matrices")
     a("--grad-clip", type=non_negative, default=1.0, help="clip the gradient norm (0: off)")
     a(
         "--eval-interval",

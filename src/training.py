@@ -102,8 +102,6 @@ def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW
     fights their purpose (a LayerNorm scale of 0 silences its layer), so they are not decayed. The
     embeddings are matrices and are decayed like the linear layers.
     """
-    if not (math.isfinite(weight_decay) and weight_decay >= 0):
-        raise UserError(f"weight decay must be a number >= 0, got {weight_decay}")
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
