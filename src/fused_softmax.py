@@ -32,26 +32,43 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 
 # --8<-- [start:flags]
-def _cpu_flags() -> tuple[str, list[str]]:
-    """The vector ISA to compile for, and its flags.
-
-    ``at::vec::Vectorized`` is plain scalar code unless the capability macro is defined *and* the
-    compiler may emit the instructions; ``-march=native`` alone is not enough. The capability is
-    the one PyTorch itself picked for this CPU, and it is part of the cache key, so a library built
-    for AVX-512 is never loaded on a CPU without it.
-    """
-    capability = torch.backends.cpu.get_cpu_capability()
-    isa = {
+# How each compiler is told that it may emit a capability's instructions.
+_ISA = {
+    "gcc": {  # GCC and Clang, Apple's included
         "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
         "AVX2": ["-mavx2", "-mfma", "-mf16c"],
-    }
-    if capability not in isa:
-        return "DEFAULT", []
-    return capability, [
-        *isa[capability],
-        f"-DCPU_CAPABILITY={capability}",
-        f"-DCPU_CAPABILITY_{capability}",
-    ]
+    },
+    "msvc": {"AVX512": ["/arch:AVX512"], "AVX2": ["/arch:AVX2"]},
+}
+
+
+def build_flags(platform: str, capability: str) -> tuple[str, list[str], list[str]]:
+    """The capability to compile for, and the compile and link flags, on ``sys.platform`` ``platform``.
+
+    ``at::vec::Vectorized`` is plain scalar code unless the capability macro is defined *and* the
+    compiler may emit the instructions; ``-march=native`` alone is not enough. ``at::parallel_for``
+    is serial unless the extension is compiled with OpenMP and linked to its runtime. ``capability``
+    is the one PyTorch itself picked for this CPU, and it is part of the cache key, so a library
+    built for AVX-512 is never loaded on a CPU without it. Each platform's compiler (the one
+    ``cpp_extension`` calls) spells all this its own way:
+
+    - Linux, GCC: ``-fopenmp`` at compile and link time.
+    - macOS, Apple Clang: it rejects ``-fopenmp`` but takes ``-Xclang -fopenmp``; PyTorch's wheel
+      ships the ``omp.h`` and ``libomp`` to go with it (what ``torch.compile`` uses there too).
+    - Windows, MSVC: ``/O2 /openmp`` and ``/arch:``; the linker finds the OpenMP runtime itself.
+    """
+    msvc = platform == "win32"
+    isa = _ISA["msvc" if msvc else "gcc"].get(capability)
+    if isa is None:  # no vector ISA that ATen compiles kernels for: its generic code
+        capability, isa = "DEFAULT", []
+    else:
+        d = "/D" if msvc else "-D"
+        isa = [*isa, f"{d}CPU_CAPABILITY={capability}", f"{d}CPU_CAPABILITY_{capability}"]
+    if msvc:
+        return capability, ["/O2", "/openmp", *isa], []
+    if platform == "darwin":
+        return capability, ["-O3", "-Xclang", "-fopenmp", *isa], ["-lomp"]
+    return capability, ["-O3", "-fopenmp", *isa], ["-fopenmp"]
 
 
 # --8<-- [end:flags]
@@ -138,7 +155,7 @@ def _clear_stale_lock(build_dir: Path) -> None:
 def _build(cuda: bool) -> None:
     """Compile (or load from the cache) the library and register its ops with PyTorch."""
     cpp_extension = _cpp_extension()
-    capability, cflags = _cpu_flags()
+    capability, cflags, ldflags = build_flags(sys.platform, torch.backends.cpu.get_cpu_capability())
     sources = [CSRC / "fused_softmax.cpp"]
     cuda_archs = None
     if cuda:
@@ -153,7 +170,8 @@ def _build(cuda: bool) -> None:
         sources.append(CSRC / "fused_softmax_cuda.cu")
     build_dir = _build_dir(capability, cuda_archs)
     _clear_stale_lock(build_dir)
-    cached = any(build_dir.glob("*.so"))
+    library = build_dir / ("gpt_fused_softmax" + (".pyd" if sys.platform == "win32" else ".so"))
+    cached = library.exists()
     if not cached:
         target = f"CPU ({capability})" + (f" and CUDA (sm {cuda_archs})" if cuda else "")
         print(
@@ -165,9 +183,8 @@ def _build(cuda: bool) -> None:
     cpp_extension.load(
         name="gpt_fused_softmax",
         sources=[str(s) for s in sources],
-        # OpenMP makes at::parallel_for parallel; without it at compile *and* link time it is serial.
-        extra_cflags=["-O3", "-fopenmp", *cflags],
-        extra_ldflags=["-fopenmp"],
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
         extra_cuda_cflags=["-O3"] if cuda else None,
         build_directory=str(build_dir),
         is_python_module=False,  # the library registers torch ops; no Python module of its own
