@@ -20,6 +20,8 @@ does, for all other timings.
 
     uv run python benchmarks/attention.py            # full run: table, JSON, PNG, Markdown
     uv run python benchmarks/attention.py --quick    # smoke run, a few seconds, written to a temp dir
+    uv run python benchmarks/attention.py --from-json docs/assets/attention-benchmark-h100.json
+                                                     # redraw a run's tables and plot, timing nothing
 """
 
 import argparse
@@ -221,7 +223,17 @@ def main() -> None:
         help=f"output path prefix for .json/.png/.md (default: {OUT.relative_to(OUT.parents[2])}, "
         "or a temp dir with --quick)",
     )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: write the .md and .png of a finished run from its JSON, beside it "
+        "(or at --out)",
+    )
     args = parser.parse_args()
+    if args.from_json:
+        redraw(args.from_json, args.out or args.from_json.with_suffix(""))
+        return
     try:
         threads = [int(t) for t in args.threads.split(",")]
     except ValueError:
@@ -357,6 +369,17 @@ def main() -> None:
     print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
 
 
+def redraw(json_path: Path, out: Path) -> None:
+    """The tables and the plot of a finished run, from its JSON alone."""
+    report = json.loads(json_path.read_text())
+    threads = list(dict.fromkeys(r["threads"] for r in report["rows"] if r["device"] == "cpu"))
+    report["targets"] = targets(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(to_markdown(report, threads))
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.png')} from {json_path}")
+
+
 def format_row(row: dict) -> str:
     ms = row["ms"]
     where = f"{row['device']}" + (f" {row['threads']}t" if row["threads"] else "")
@@ -433,113 +456,106 @@ def targets(report: dict) -> list[dict]:
 # --8<-- [end:targets]
 
 
+def _where(r: dict) -> str:
+    return f"{r['device']} {r['threads']}t" if r["threads"] else r["device"]
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
+    ]
+
+
 def to_markdown(report: dict, threads: list[int]) -> str:
-    lines = [
-        "**Softmax step** (B*H, T, T), median ms, fused effective bandwidth vs a copy of the same size",
-        "",
-        (
-            "| device | dtype | T | B*H | plain fwd | fused fwd | speed-up | plain fwd+bwd "
-            "| fused fwd+bwd | speed-up | fused fwd GB/s | fused bwd GB/s | copy GB/s |"
-        ),
-        "|" + "---|" * 13,
-    ]
-    for r in report["rows"]:
-        if r["part"] != "softmax":
-            continue
-        ms, bw = r["ms"], r["GBps"]
-        where = f"{r['device']} {r['threads']}t" if r["threads"] else r["device"]
-        lines.append(
-            f"| {where} | {r['dtype']} | {r['T']} | {r['BH']} | {ms['plain fwd']:.2f} | {ms['fused fwd']:.2f} "
-            f"| {ms['plain fwd'] / ms['fused fwd']:.1f}x | {ms['plain fwd+bwd']:.2f} | {ms['fused fwd+bwd']:.2f} "
-            f"| {ms['plain fwd+bwd'] / ms['fused fwd+bwd']:.1f}x | {bw['fused fwd']:.1f} | {bw['fused bwd']:.1f} "
-            f"| {bw['copy']:.1f} |"
-        )
-    lines += [
-        "",
-        f"**Attention core** softmax(mask(q k^T / 8)) v, head dim {HEAD_DIM}, median ms",
-        "",
-        (
-            "| device | dtype | T | B*H | plain fwd | fused fwd | sdpa fwd | plain fwd+bwd "
-            "| fused fwd+bwd | sdpa fwd+bwd | plain / fused | sdpa / fused |"
-        ),
-        "|" + "---|" * 12,
-    ]
-    for r in report["rows"]:
-        if r["part"] != "attention":
-            continue
-        ms = r["ms"]
-        where = f"{r['device']} {r['threads']}t" if r["threads"] else r["device"]
-        lines.append(
-            f"| {where} | {r['dtype']} | {r['T']} | {r['BH']} | {ms['plain fwd']:.1f} | {ms['fused fwd']:.1f} "
-            f"| {ms['sdpa fwd']:.1f} | {ms['plain fwd+bwd']:.1f} | {ms['fused fwd+bwd']:.1f} "
-            f"| {ms['sdpa fwd+bwd']:.1f} | {ms['plain fwd+bwd'] / ms['fused fwd+bwd']:.2f}x "
-            f"| {ms['sdpa fwd+bwd'] / ms['fused fwd+bwd']:.2f}x |"
-        )
-    lines += [
-        "",
-        f"**Peak memory** of one forward+backward, MiB ({threads[0]} thread)",
-        "",
-        "| part | device | dtype | T | plain | fused | sdpa |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    """The run as Markdown tables, none wider than ten columns so that each fits the page."""
+    softmax = [r for r in report["rows"] if r["part"] == "softmax"]
+    attention = [r for r in report["rows"] if r["part"] == "attention"]
+    lines = ["**Softmax step** (B*H, T, T), median ms", ""]
+    lines += _table(
+        ["device", "dtype", "T", "B*H", "plain fwd", "fused fwd", "speed-up", "plain fwd+bwd",
+         "fused fwd+bwd", "speed-up"],
+        [[_where(r), r["dtype"], r["T"], r["BH"], f"{r['ms']['plain fwd']:.2f}",
+          f"{r['ms']['fused fwd']:.2f}", f"{r['ms']['plain fwd'] / r['ms']['fused fwd']:.1f}x",
+          f"{r['ms']['plain fwd+bwd']:.2f}", f"{r['ms']['fused fwd+bwd']:.2f}",
+          f"{r['ms']['plain fwd+bwd'] / r['ms']['fused fwd+bwd']:.1f}x"] for r in softmax],
+    )  # fmt: skip
+    lines += ["", "**Softmax step**, the fused path's effective bandwidth against a copy of the "
+              "same size", ""]  # fmt: skip
+    lines += _table(
+        ["device", "dtype", "T", "fused fwd GB/s", "fused bwd GB/s", "copy GB/s", "fwd / copy",
+         "bwd / copy"],
+        [[_where(r), r["dtype"], r["T"], f"{r['GBps']['fused fwd']:.1f}",
+          f"{r['GBps']['fused bwd']:.1f}", f"{r['GBps']['copy']:.1f}",
+          f"{r['GBps']['fused fwd'] / r['GBps']['copy']:.0%}",
+          f"{r['GBps']['fused bwd'] / r['GBps']['copy']:.0%}"] for r in softmax],
+    )  # fmt: skip
+    for step, title in (("fwd", "forward"), ("fwd+bwd", "forward+backward")):
+        lines += ["", f"**Attention core** softmax(mask(q k^T / 8)) v, head dim {HEAD_DIM}, "
+                  f"{title}, median ms", ""]  # fmt: skip
+        lines += _table(
+            ["device", "dtype", "T", "B*H", "plain", "fused", "sdpa", "plain / fused",
+             "sdpa / fused"],
+            [[_where(r), r["dtype"], r["T"], r["BH"], *(f"{r['ms'][f'{p} {step}']:.1f}"
+              for p in ("plain", "fused", "sdpa")),
+              f"{r['ms'][f'plain {step}'] / r['ms'][f'fused {step}']:.2f}x",
+              f"{r['ms'][f'sdpa {step}'] / r['ms'][f'fused {step}']:.2f}x"] for r in attention],
+        )  # fmt: skip
     groups = {}
     for m in report["memory"]:
-        groups.setdefault((m["part"], m["device"], m["dtype"], m["T"]), {})[m["path"]] = (
-            m["bytes"] / 2**20
-        )
-    for (part, device, dtype, T), paths in groups.items():
-        cells = " | ".join(
-            f"{paths[p]:.0f}" if p in paths else "-" for p in ("plain", "fused", "sdpa")
-        )
-        lines.append(f"| {part} | {device} | {dtype} | {T} | {cells} |")
-    lines += [
-        "",
-        "**Page faults**: the same forward into fresh memory on every call vs memory reused",
-        "",
-        "| path | T | threads | fresh pages ms | reused ms |",
-        "|---|---|---|---|---|",
-    ]
-    for p in report["page_faults"]:
-        lines.append(
-            f"| {p['path']} | {p['T']} | {p['threads']} | {p['fresh_ms']:.2f} | {p['reused_ms']:.2f} |"
-        )
-    lines += ["", "**Targets**", "", "| target | measured | goal | met |", "|---|---|---|---|"]
-    for t in report["targets"]:
-        lines.append(
-            f"| {t['target']} | {t['value']:.2f} | {t['goal']} | {'yes' if t['met'] else 'no'} |"
-        )
+        key = (m["part"], m["device"], m["dtype"], m["T"])
+        groups.setdefault(key, {})[m["path"]] = m["bytes"] / 2**20
+    n = threads[0]
+    lines += ["", f"**Peak memory** of one forward+backward, MiB (the CPU at {n} "
+              f"thread{'s' if n != 1 else ''})", ""]  # fmt: skip
+    lines += _table(
+        ["part", "device", "dtype", "T", "plain", "fused", "sdpa"],
+        [[*key, *(f"{paths[p]:.0f}" if p in paths else "-" for p in ("plain", "fused", "sdpa"))]
+         for key, paths in groups.items()],
+    )  # fmt: skip
+    lines += ["", "**Page faults**: the same forward into fresh memory on every call vs memory "
+              "reused", ""]  # fmt: skip
+    lines += _table(
+        ["path", "T", "threads", "fresh pages ms", "reused ms"],
+        [[p["path"], p["T"], p["threads"], f"{p['fresh_ms']:.2f}", f"{p['reused_ms']:.2f}"]
+         for p in report["page_faults"]],
+    )  # fmt: skip
+    lines += ["", "**Targets**", ""]
+    lines += _table(
+        ["target", "measured", "goal", "met"],
+        [[t["target"], f"{t['value']:.2f}", t["goal"], "yes" if t["met"] else "no"]
+         for t in report["targets"]],
+    )  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def plot(report: dict, path: Path) -> None:
+    """Forward+backward time against T, for the device the run was about: the GPU if it had one
+    (its host CPU's rows are in the tables only), else the CPU at its first thread count."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    first = report["rows"][0]["threads"]
+    cuda = any(r["device"] == "cuda" for r in report["rows"])
+    device = "cuda" if cuda else "cpu"
+    threads = next(r["threads"] for r in report["rows"] if r["device"] == device)
+    where = report["gpu"] if cuda else f"CPU {threads} thread{'s' if threads != 1 else ''}"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     styles = {"float32": "-", "bfloat16": "--"}
     colors = {"plain": "tab:red", "fused": "tab:blue", "sdpa": "tab:green"}
     for ax, part, paths in (
         (axes[0], "softmax", ("plain", "fused")),
         (axes[1], "attention", ("plain", "fused", "sdpa")),
     ):
+        rows = [r for r in report["rows"] if r["part"] == part and r["device"] == device
+                and r["threads"] == threads]  # fmt: skip
         for dtype, style in styles.items():
-            rows = [
-                r
-                for r in report["rows"]
-                if r["part"] == part
-                and r["device"] == "cpu"
-                and r["threads"] == first
-                and r["dtype"] == dtype
-            ]
-            if not rows:
-                continue
             for p in paths:
                 ax.plot(
-                    [r["T"] for r in rows],
-                    [r["ms"][f"{p} fwd+bwd"] for r in rows],
+                    [r["T"] for r in rows if r["dtype"] == dtype],
+                    [r["ms"][f"{p} fwd+bwd"] for r in rows if r["dtype"] == dtype],
                     style,
                     color=colors[p],
                     marker="o",
@@ -551,23 +567,16 @@ def plot(report: dict, path: Path) -> None:
             ylabel="forward+backward, ms (median)",
         )
         ax.set_ylim(bottom=0)
-        ax.set_xticks(
-            [
-                r["T"]
-                for r in report["rows"]
-                if r["part"] == part
-                and r["dtype"] == "float32"
-                and r["threads"] == first
-                and r["device"] == "cpu"
-            ]
-        )
+        ax.set_xticks(sorted({r["T"] for r in rows}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.minorticks_off()
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_title(f"softmax step, CPU {first} thread")
-    axes[1].set_title(f"attention core, head dim {HEAD_DIM}, CPU {first} thread")
-    fig.tight_layout()
+    axes[0].set_title(f"softmax step, {where}", fontsize=10)
+    axes[1].set_title(f"attention core, head dim {HEAD_DIM}, {where}", fontsize=10)
+    # One legend for both panels, below them: it covers no curve.
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
 
 
