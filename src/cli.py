@@ -286,7 +286,7 @@ class MetricsLog:
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
-        with open(self.path, "a") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
 
 
@@ -294,7 +294,7 @@ def read_jsonl(path: Path) -> list[dict]:
     """The rows of a JSON-lines file; a line torn by a kill mid-write is skipped."""
     rows = []
     if Path(path).is_file():
-        for line in Path(path).read_text().splitlines():
+        for line in Path(path).read_text("utf-8", errors="replace").splitlines():
             with contextlib.suppress(json.JSONDecodeError):
                 row = json.loads(line)
                 if isinstance(row, dict) and isinstance(row.get("step"), int):

@@ -9,7 +9,7 @@ This module makes those kernels usable from Python:
 
 1. **Build** ``csrc/`` just in time with ``torch.utils.cpp_extension.load`` (ninja), with the flags
    that this CPU supports, into a cache directory keyed by everything that makes a build
-   incompatible. The first use compiles (seconds for the CPU, minutes with CUDA) and says so; later
+   incompatible. The first use compiles (seconds for the CPU, about a minute more with CUDA) and says so; later
    uses load the cached library.
 2. **Register** autograd and a fake (shape-only) implementation for the ops the library defines,
    so that ``fused_causal_softmax`` is differentiable and traceable by ``torch.compile``.

@@ -25,8 +25,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from safetensors.torch import load_file
 
+from src.checkpoints import read_safetensors
 from src.errors import UserError
 from src.model import GPTConfig, GPTModel
 
@@ -204,7 +204,7 @@ def load_pretrained(name_or_path: str | Path, **overrides) -> GPTModel:
             )
         if not weights.is_file():
             raise UserError(f"{path} holds no {WEIGHTS_FILE}")
-    state = load_file(weights)
+    state = read_safetensors(weights)
     hf_config = _read_config(config) if config.is_file() else _config_from_shapes(state)
     model = GPTModel(config_from_hf(hf_config, **overrides))
     return load_gpt2_state_dict(model, state).eval()
@@ -215,7 +215,13 @@ _HF_DEFAULTS = dict(n_inner=None, activation_function="gelu_new", resid_pdrop=0.
 
 
 def _read_config(path: Path) -> SimpleNamespace:
-    return SimpleNamespace(**(_HF_DEFAULTS | json.loads(path.read_text())))
+    try:
+        config = json.loads(path.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not a JSON config: {err}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return SimpleNamespace(**(_HF_DEFAULTS | config))
 
 
 def _config_from_shapes(state: Mapping[str, torch.Tensor]) -> SimpleNamespace:

@@ -11,8 +11,8 @@ A layer of ``in * out`` weights then trains only ``rank * (in + out)`` numbers; 
 768 x 768 projections at rank 8 that is 12,288 instead of 589,824 (2%). ``B`` starts at zero, so
 the wrapped model computes exactly what the base model computes until training moves it; ``A``
 starts random (Kaiming-uniform, as ``nn.Linear`` initialises its weight) so that the gradient of
-``B`` is not zero too. ``alpha / rank`` keeps the size of the update comparable when the rank
-changes, so a learning rate found at one rank carries over to another.
+``B`` is not zero too. ``alpha / rank`` scales the update so that ``alpha`` can be set once: Hu et
+al. found that with this scaling, fewer hyperparameters need retuning when the rank changes.
 
 After training, ``merge_lora`` folds ``B @ A`` into ``W``: the model is again a plain model with no
 extra cost at inference. ``unmerge_lora`` subtracts it back out, to continue training or to swap

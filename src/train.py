@@ -4,7 +4,8 @@
 in a few minutes on a laptop CPU. It writes to ``--out-dir``:
 
 - ``metrics.jsonl``: one JSON object per optimizer step (``step``, ``train_loss``, ``lr``,
-  ``tokens_per_sec``, ...), with ``val_loss`` and ``val_perplexity`` on evaluation steps;
+  ``tokens_per_sec``, ...), with ``val_loss`` and ``val_perplexity`` on evaluation steps, and a
+  row for step 0, the untrained model;
 - ``loss.png``: the training and validation curves;
 - ``samples.txt``: text the model writes at every evaluation;
 - ``checkpoints/``: the latest checkpoint (see ``src/checkpoints.py``), which ``--resume``
@@ -511,7 +512,7 @@ def evaluate_and_sample(run: Run, row: dict) -> None:
         generator=torch.Generator(run.device).manual_seed(args.seed),
     )  # fmt: skip
     run.raw_model.train()
-    with open(Path(args.out_dir) / "samples.txt", "a") as f:
+    with open(Path(args.out_dir) / "samples.txt", "a", encoding="utf-8") as f:
         f.write(f"--- step {row['step']} (val loss {row['val_loss']:.3f})\n")
         f.write(run.tokenizer.decode(out[0].tolist()) + "\n\n")
     plot_losses([*run.log.rows, row], Path(args.out_dir) / "loss.png")
