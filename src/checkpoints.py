@@ -43,6 +43,7 @@ LATEST = "latest"  # a small file naming the newest complete checkpoint folder
 STEP_FOLDER = re.compile(r"step_\d{7,}")  # the only names ``latest`` may hold
 
 
+# --8<-- [start:save]
 def json_safe(value):
     """``value`` with every inf and NaN replaced by None: JSON has no such numbers, and a file
     holding ``NaN`` is not JSON that other tools can read."""
@@ -55,7 +56,6 @@ def json_safe(value):
     return value
 
 
-# --8<-- [start:save]
 def save_checkpoint(
     out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, tokenizer, meta: dict
 ) -> Path:

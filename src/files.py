@@ -25,6 +25,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GPT_CACHE_DIR") or Path.home() / ".cache" / "gpt-from-scratch")
 
 
+# --8<-- [start:atomic]
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -37,7 +38,6 @@ def refuse_if_disk_full(err: BaseException, path: Path) -> None:
         ) from None
 
 
-# --8<-- [start:atomic]
 def write_atomically(path: str | Path, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` so that a kill at any moment leaves the old file or the new one.
 

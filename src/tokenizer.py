@@ -157,23 +157,16 @@ class BPETokenizer:
             )
         # Pre-tokenize once and keep only the distinct words with their counts: a corpus of a
         # million words has a few tens of thousands of distinct ones, and all work below is on those.
-        split = regex.compile(pattern)
         counts = Counter()
         for chunk in _split_specials(text, special_tokens):
-            counts.update(split.findall(chunk))
+            counts.update(regex.findall(pattern, chunk))
         vocab = [bytes([b]) for b in BYTE_ORDER]  # rank -> bytes
         ranks = {token: rank for rank, token in enumerate(vocab)}
         byte_rank = [ranks[bytes([b])] for b in range(256)]
         words = [[byte_rank[b] for b in w.encode("utf-8")] for w in counts]
         freq = list(counts.values())
 
-        # pair -> how often it occurs, and pair -> which words contain it.
-        pair_count: Counter = Counter()
-        where: dict[tuple[int, int], set[int]] = {}
-        for wi, word in enumerate(words):
-            for pair in pairwise(word):
-                pair_count[pair] += freq[wi]
-                where.setdefault(pair, set()).add(wi)
+        pair_count, where = cls._count_pairs(words, freq)
         # Max-heap by count (negated), ties to the smaller pair. Entries go stale when a count
         # changes; a stale entry is skipped when popped, and the fresh count was pushed anew.
         heap = [(-n, pair) for pair, n in pair_count.items()]
@@ -189,19 +182,7 @@ class BPETokenizer:
             if new_id is None:  # (a pair could spell a token learned from another split: reuse it)
                 new_id = ranks[token] = len(vocab)
                 vocab.append(token)
-            changed = set()
-            for wi in where.pop(pair):
-                old = words[wi]
-                new = _merge(old, pair, new_id)
-                n = freq[wi]
-                for p in pairwise(old):  # the word's pairs before the merge ...
-                    pair_count[p] -= n
-                    changed.add(p)
-                for p in pairwise(new):  # ... and after it
-                    pair_count[p] += n
-                    where.setdefault(p, set()).add(wi)
-                    changed.add(p)
-                words[wi] = new
+            changed = cls._merge_everywhere(pair, new_id, words, freq, pair_count, where)
             for p in changed:
                 if pair_count[p] > 0:
                     heapq.heappush(heap, (-pair_count[p], p))
@@ -210,6 +191,36 @@ class BPETokenizer:
                     where.pop(p, None)
         special = {s: len(vocab) + i for i, s in enumerate(special_tokens)}
         return cls(ranks, special, pattern)
+
+    @staticmethod
+    def _count_pairs(words: list[list[int]], freq: list[int]) -> tuple[Counter, dict]:
+        """pair -> how often it occurs, and pair -> which words contain it."""
+        pair_count: Counter = Counter()
+        where: dict[tuple[int, int], set[int]] = {}
+        for wi, word in enumerate(words):
+            for pair in pairwise(word):
+                pair_count[pair] += freq[wi]
+                where.setdefault(pair, set()).add(wi)
+        return pair_count, where
+
+    @staticmethod
+    def _merge_everywhere(pair, new_id, words, freq, pair_count, where) -> set:
+        """Replace ``pair`` by ``new_id`` in every word that holds it, and update the counts of the
+        pairs around it. Returns the pairs whose counts changed."""
+        changed = set()
+        for wi in where.pop(pair):
+            old = words[wi]
+            new = _merge(old, pair, new_id)
+            n = freq[wi]
+            for p in pairwise(old):  # the word's pairs before the merge ...
+                pair_count[p] -= n
+                changed.add(p)
+            for p in pairwise(new):  # ... and after it
+                pair_count[p] += n
+                where.setdefault(p, set()).add(wi)
+                changed.add(p)
+            words[wi] = new
+        return changed
 
     # --8<-- [end:train]
 
