@@ -59,10 +59,9 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(drop_rate)
-        # True above the diagonal: the future positions a query must not see. A buffer moves with
-        # the module (.to(device)) but is not a trained parameter, and is not saved in checkpoints.
-        mask = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
-        self.register_buffer("mask", mask, persistent=False)
+        # A buffer moves with the module (.to(device)) but is not a trained parameter, and is not
+        # saved in checkpoints.
+        self.register_buffer("mask", causal_mask(context_length), persistent=False)
 
     def forward(self, x: torch.Tensor, kv_cache: "KVCache | None" = None) -> torch.Tensor:
         B, T, _ = x.shape  # (B, T, d_in)
@@ -140,6 +139,11 @@ def attend_cached(
 
 
 # --8<-- [start:causal_softmax]
+def causal_mask(T: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(T, T), True above the diagonal: the future positions that query ``i`` must not see."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)
+
+
 def causal_softmax(scores: torch.Tensor, scale: float, mask: torch.Tensor) -> torch.Tensor:
     """The plain reference: scale, hide the future with -inf, softmax over each row.
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from src.files import cache_dir
+
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 
@@ -113,7 +115,7 @@ def _cuda_archs() -> str:
 
 def _build_dir(capability: str, cuda_archs: str | None) -> Path:
     """``$GPT_CACHE_DIR/extensions/<torch, CPU capability, CUDA arch, checkout>``, created if needed."""
-    root = Path(os.environ.get("GPT_CACHE_DIR", Path.home() / ".cache" / "gpt-from-scratch"))
+    root = cache_dir()
     arch = (
         "cpu"
         if cuda_archs is None

@@ -471,3 +471,15 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(world, tmp_p
         "latest",
         "step_0000001",
     ]
+
+
+def test_a_second_ctrl_c_during_a_save_is_one_line(world, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # the second Ctrl-C, while the checkpoint is written
+
+    monkeypatch.setattr(train, "save_checkpoint", interrupted)
+    capsys.readouterr()
+    assert train.main(train_args(world, tmp_path / "r")) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; the last complete checkpoint is kept" in err and "Traceback" not in err
+

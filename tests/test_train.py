@@ -151,6 +151,24 @@ def test_checkpoint_round_trip(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_a_checkpoint_with_the_old_feedforward_names_still_loads(tmp_path):
+    """FeedForward's layers were once ``ff.layers.0`` and ``ff.layers.2``; such weights load into
+    ``ff.fc`` and ``ff.proj`` unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    model, opt = _model_and_optimizer()
+    save_checkpoint(tmp_path, model, opt, None, {"step": 1, "config": model.cfg.to_dict()})
+    path = find_checkpoint(tmp_path) / "model.safetensors"
+    old = {k.replace(".ff.fc.", ".ff.layers.0.").replace(".ff.proj.", ".ff.layers.2."): v
+           for k, v in load_file(path).items()}  # fmt: skip
+    assert "trf_blocks.0.ff.layers.2.weight" in old
+    save_file(old, path)
+    fresh, _ = _model_and_optimizer()
+    load_weights(find_checkpoint(tmp_path), fresh)
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_checkpoint_write_killed_midway_keeps_last_good(tmp_path, monkeypatch):
     model, opt = _model_and_optimizer()
     meta = {"step": 1, "config": model.cfg.to_dict()}
@@ -206,8 +224,8 @@ def test_cli_end_to_end(tmp_path, corpus, env):
     assert "final validation loss" in res.stderr
 
 
-def _interrupt(out: Path, args: list[str], env: dict, sig: int, after_step: int) -> None:
-    """Start a run, send ``sig`` once it has logged ``after_step``, wait for it to end."""
+def _interrupt(out: Path, args: list[str], env: dict, sig: int, after_step: int) -> int:
+    """Start a run, send ``sig`` once it has logged ``after_step``; its exit code."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "src.train", *args], cwd=REPO, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -219,7 +237,7 @@ def _interrupt(out: Path, args: list[str], env: dict, sig: int, after_step: int)
             break
         time.sleep(0.05)
     proc.send_signal(sig)
-    proc.wait(timeout=120)
+    return proc.wait(timeout=120)
 
 
 def resume_args(corpus: Path) -> list[str]:
@@ -248,7 +266,9 @@ KILL_9 = pytest.param(getattr(signal, "SIGKILL", signal.SIGTERM), id="kill-9")
 @pytest.mark.parametrize("sig", [CTRL_C, KILL_9])
 def test_resume_reproduces_uninterrupted_losses(tmp_path, corpus, env, uninterrupted, sig):
     args = [*resume_args(corpus), "--out-dir", str(tmp_path)]
-    _interrupt(tmp_path, args, env, sig, after_step=5)
+    code = _interrupt(tmp_path, args, env, sig, after_step=5)
+    # Ctrl-C saves and exits 130, so that a script can tell a stopped run from a finished one.
+    assert code == 130 or sig != signal.SIGINT
     stopped_at = json.loads((find_checkpoint(tmp_path) / "checkpoint.json").read_text())["step"]
     assert 4 <= stopped_at < 24  # it really was interrupted mid-run
     res = run_cli([*args, "--resume"], env)
