@@ -40,6 +40,15 @@ def reference_data() -> Path:
     return Path(path)
 
 
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory) -> Path:
+    """The book, built once per test run (strictly) for every test that reads it."""
+    site = tmp_path_factory.mktemp("book") / "site"
+    result = build_book(REPO, site)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return site
+
+
 def build_book(root: Path, site: Path) -> subprocess.CompletedProcess:
     """``mkdocs build --strict`` of the book at ``root`` into ``site``."""
     return subprocess.run(

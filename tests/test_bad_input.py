@@ -482,4 +482,3 @@ def test_a_second_ctrl_c_during_a_save_is_one_line(world, tmp_path, capsys, monk
     assert train.main(train_args(world, tmp_path / "r")) == 130
     err = capsys.readouterr().err
     assert "interrupted; the last complete checkpoint is kept" in err and "Traceback" not in err
-

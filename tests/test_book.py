@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import REPO, build_book
+from conftest import REPO
 
 SNIPPET = re.compile(r'--8<--\s+"([^":]+)(?::([\w-]+))?"')
 MKDOCSTRINGS = re.compile(r"^:::\s+([\w.]+)", re.M)
@@ -113,14 +113,12 @@ SCREENSHOTS = REPO / ".cache" / "book-screenshots"
 
 
 @pytest.fixture(scope="module")
-def served_book(tmp_path_factory):
+def served_book(built_book):
     if CHROMIUM is None:
         pytest.skip(
             "headless Chromium is not installed (Debian package 'chromium'; .ci/run installs it)"
         )
-    site = tmp_path_factory.mktemp("book") / "site"
-    result = build_book(REPO, site)
-    assert result.returncode == 0, result.stdout + result.stderr
+    site = built_book
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
     handler.log_message = lambda *args: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -129,6 +127,7 @@ def served_book(tmp_path_factory):
     server.shutdown()
 
 
+@pytest.mark.slow
 def test_every_page_renders_offline_in_chromium(served_book):
     playwright = pytest.importorskip("playwright.sync_api")
     site, base = served_book

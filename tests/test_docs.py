@@ -5,10 +5,8 @@ import shutil
 from conftest import REPO, build_book
 
 
-def test_mkdocs_build_strict(tmp_path):
-    result = build_book(REPO, tmp_path / "site")
-    assert result.returncode == 0, result.stdout + result.stderr
-    attention = (tmp_path / "site" / "attention" / "index.html").read_text()
+def test_mkdocs_build_strict(built_book):
+    attention = (built_book / "attention" / "index.html").read_text()
     assert "MultiHeadAttention" in attention  # the source was embedded
     assert "<math" in attention and "arithmatex" not in attention  # TeX became MathML at build time
 

@@ -298,6 +298,7 @@ CUDA_BUILD = textwrap.dedent("""
 
 @pytest.mark.skipif(torch.version.cuda is None, reason="torch is a CPU-only build")
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.slow
 def test_cuda_sources_compile_and_load():
     # In a subprocess: the CUDA build defines the same ops as the CPU build already loaded here.
     env = {**os.environ, "TORCH_CUDA_ARCH_LIST": "8.0;9.0"}  # two archs, to bound the build time

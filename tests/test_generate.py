@@ -1,8 +1,6 @@
 """Generation: the KV cache changes nothing but speed; each sampling rule does what it says."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +9,8 @@ import torch
 from src.attention import KVCache
 from src.generate import generate, sample_next, stream
 from src.model import GPTConfig, GPTModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -142,29 +142,34 @@ def checkpoint(tmp_path_factory) -> Path:
     return root / "run"
 
 
-def run_generate(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "src.generate", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+def run_generate(capsys, *args: str) -> tuple[int, str, str]:
+    """The command, in this process: its exit code, what it printed and what it said."""
+    from src import generate as cli
+
+    capsys.readouterr()
+    code = cli.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_cli_streams_same_text_with_and_without_cache(checkpoint):
+def test_cli_streams_same_text_with_and_without_cache(checkpoint, capsys):
     args = ["--checkpoint", str(checkpoint), "--prompt", "The ", "--temperature", "0",
             "--max-new-tokens", "30"]  # fmt: skip
-    with_cache, without = run_generate(*args), run_generate(*args, "--no-kv-cache")
-    assert with_cache.returncode == 0, with_cache.stderr
-    assert with_cache.stdout.startswith("The ") and len(with_cache.stdout) > len("The ") + 10
-    assert with_cache.stdout == without.stdout
-    assert "KV cache on" in with_cache.stderr and "KV cache off" in without.stderr
+    code, with_cache, said = run_generate(capsys, *args)
+    assert code == 0, said
+    assert with_cache.startswith("The ") and len(with_cache) > len("The ") + 10
+    assert "KV cache on" in said
+    code, without, said = run_generate(capsys, *args, "--no-kv-cache")
+    assert code == 0 and without == with_cache and "KV cache off" in said
 
 
-def test_cli_errors_are_one_line(tmp_path, checkpoint):
+def test_cli_errors_are_one_line(tmp_path, checkpoint, capsys):
     for args, message in [
         (["--checkpoint", str(tmp_path)], "no checkpoint in"),
         (["--checkpoint", str(checkpoint), "--top-p", "1.5"], "top_p must be in (0, 1]"),
     ]:
-        res = run_generate(*args)
-        assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr
+        code, _, said = run_generate(capsys, *args)
+        assert code != 0 and message in said and "Traceback" not in said
 
 
 def test_cli_prints_characters_split_across_tokens_and_survives_invalid_bytes(

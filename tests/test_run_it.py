@@ -102,7 +102,13 @@ def differences(committed: str, fresh: str, tol: Tolerance) -> list[str]:
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("chapter", list(run_it.CHAPTERS))
+@pytest.mark.parametrize(
+    "chapter",
+    [
+        pytest.param(c, marks=pytest.mark.slow) if c == "classification" else c
+        for c in run_it.CHAPTERS
+    ],
+)
 def test_committed_output_is_what_the_script_prints(chapter, tmp_path):
     if chapter in NOT_COMPARED:
         pytest.skip(NOT_COMPARED[chapter])

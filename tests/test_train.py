@@ -32,6 +32,7 @@ from src.model import GPTConfig, GPTModel
 from src.training import Schedule, adamw, check_finite, cross_entropy, perplexity
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 TINY = ["--preset", "cpu-tiny", "--vocab-size", "300", "--context-length", "32",
         "--batch-size", "4", "--eval-iters", "2", "--warmup-steps", "2", "--lr", "3e-3"]  # fmt: skip
 
@@ -205,11 +206,11 @@ def test_optimizer_state_is_loaded_without_pickle_code(tmp_path):
 # --- the CLI -------------------------------------------------------------------------------
 
 
-def test_cli_end_to_end(tmp_path, corpus, env):
+def test_cli_end_to_end(tmp_path, corpus, capsys, private_cache):
     out = tmp_path / "run"
-    res = run_cli([*TINY, "--data", str(corpus), "--max-steps", "30", "--eval-interval", "10",
-                   "--out-dir", str(out)], env)  # fmt: skip
-    assert res.returncode == 0, res.stderr
+    code = train_cli.main([*TINY, "--data", str(corpus), "--max-steps", "30", "--eval-interval",
+                           "10", "--out-dir", str(out)])  # fmt: skip
+    assert code == 0
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(31))
     evals = [r for r in rows if "val_loss" in r]
@@ -221,7 +222,7 @@ def test_cli_end_to_end(tmp_path, corpus, env):
     assert (out / "samples.txt").read_text().count("--- step") == 4
     model, tokenizer, meta = load_model(out, torch.device("cpu"))
     assert meta["step"] == 30 and tokenizer.n_vocab == 300 == model.cfg.vocab_size
-    assert "final validation loss" in res.stderr
+    assert "final validation loss" in capsys.readouterr().err
 
 
 def _interrupt(out: Path, args: list[str], env: dict, sig: int, after_step: int) -> int:
@@ -263,6 +264,7 @@ CTRL_C = pytest.param(
 KILL_9 = pytest.param(getattr(signal, "SIGKILL", signal.SIGTERM), id="kill-9")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [CTRL_C, KILL_9])
 def test_resume_reproduces_uninterrupted_losses(tmp_path, corpus, env, uninterrupted, sig):
     args = [*resume_args(corpus), "--out-dir", str(tmp_path)]
@@ -278,25 +280,26 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, corpus, env, uninterru
     assert [r["step"] for r in metrics(tmp_path)] == list(range(25))
 
 
-def test_eager_and_fused_training_losses_match(tmp_path, corpus, env):
+@pytest.mark.slow
+def test_eager_and_fused_training_losses_match(tmp_path, corpus, capsys, env, monkeypatch):
     from src import fused_softmax
 
-    reason = fused_softmax.unavailable_reason()
+    reason = fused_softmax.unavailable_reason()  # built, or found built, in the usual cache
     if reason is not None:
         pytest.skip(f"fused softmax extension unavailable: {reason}")
-    env = {k: v for k, v in env.items() if k != "GPT_CACHE_DIR"}  # reuse the built extension
+    monkeypatch.setenv("GPT_CACHE_DIR", env["GPT_CACHE_DIR"])  # the data in this module's cache
     args = [*TINY, "--data", str(corpus), "--max-steps", "8", "--eval-interval", "8"]
     eager, fused = tmp_path / "eager", tmp_path / "fused"
-    assert run_cli([*args, "--attn-impl", "eager", "--out-dir", str(eager)], env).returncode == 0
-    res = run_cli([*args, "--fused-attention", "--out-dir", str(fused)], env)
-    assert res.returncode == 0, res.stderr
-    assert "attention fused" in res.stderr
+    assert train_cli.main([*args, "--attn-impl", "eager", "--out-dir", str(eager)]) == 0
+    assert train_cli.main([*args, "--fused-attention", "--out-dir", str(fused)]) == 0
+    assert "attention fused" in capsys.readouterr().err
     a, b = losses_by_step(eager), losses_by_step(fused)
     assert a.keys() == b.keys()
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path, corpus, env):
     args = [*TINY, "--data", str(corpus), "--max-steps", "6", "--eval-interval", "6",
             "--device", "cpu"]  # fmt: skip
@@ -378,6 +381,7 @@ def test_resume_with_another_config_or_tokenizer(tmp_path, corpus, capsys, priva
     assert code != 0 and "no checkpoint" in line
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good(tmp_path, corpus, capsys, private_cache):
     # A huge learning rate blows the weights up within a few steps (step 5 here).
     args = [*TINY, "--data", str(corpus), "--max-steps", "50", "--save-interval", "1",
@@ -392,6 +396,7 @@ def test_non_finite_loss_stops_and_keeps_last_good(tmp_path, corpus, capsys, pri
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_the_trainer_takes_the_minimal_loops_steps(tmp_path, corpus, capsys, private_cache):
     """The production trainer is the chapter's 28-line loop plus what a run needs: with a constant
     rate, no accumulation and no dropout it must take exactly the same steps."""
