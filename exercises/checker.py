@@ -83,10 +83,12 @@ def difference(expected, got, atol: float, rtol: float) -> str | None:
         if not torch.equal(torch.isinf(e) & (e < 0), torch.isinf(g) & (g < 0)):
             return "the -inf entries are not where they should be"
         finite = torch.isfinite(e)
+        if not torch.isfinite(g[finite]).all():
+            return "got NaN or inf where a number was expected"
         gap = (e[finite] - g[finite]).abs()
         worst = gap.max().item() if gap.numel() else 0.0
         allowed = atol + rtol * e[finite].abs()
-        if gap.numel() and (gap > allowed).any() or not torch.isfinite(g[finite]).all():
+        if gap.numel() and (gap > allowed).any():
             return (
                 f"the largest difference is {worst:.3g} (allowed: {atol:g} + {rtol:g} x |expected|)"
             )
@@ -113,7 +115,7 @@ def show(value) -> str:
     if isinstance(value, torch.Tensor):
         kind = f"tensor of shape {tuple(value.shape)}, {str(value.dtype).removeprefix('torch.')}"
         if value.numel() <= 24:
-            return f"{kind}: {value.tolist()}"
+            return f"{kind}: {_rounded(value.tolist())}"
         return kind
     if isinstance(value, (list, tuple)) and len(value) > 24:
         return f"{type(value).__name__} of {len(value)}: {list(value[:12])} ..."
@@ -153,6 +155,13 @@ def check(exercise: Exercise, function: Callable | None) -> list[str]:
 
 
 # --8<-- [end:check]
+
+
+def _rounded(values):
+    """Nested lists of numbers with floats cut to 4 significant digits, for reading."""
+    if isinstance(values, list):
+        return [_rounded(v) for v in values]
+    return float(f"{values:.4g}") if isinstance(values, float) else values
 
 
 def _parameter_names(function: Callable, n: int) -> list[str]:
