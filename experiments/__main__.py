@@ -25,7 +25,7 @@ CHAPTERS = ["tokens", "batches", "attention", "fused-softmax", "model", "pretrai
             "gpt2-weights", "classification", "instructions", "lora", "scaling-out"]  # fmt: skip
 
 
-def experiments() -> dict[str, tuple[str, object]]:
+def all_experiments() -> dict[str, tuple[str, object]]:
     """Every experiment by name: its chapter and the function that runs it."""
     found = {}
     for chapter in CHAPTERS:
@@ -44,10 +44,11 @@ def parser() -> Parser:
 
 
 def run(args) -> None:
-    known = experiments()
+    known = all_experiments()
     if args.list:
         for name, (chapter, experiment) in known.items():
-            print(f"{name:24} {chapter:15} {experiment.__doc__.splitlines()[0]}")
+            summary = " ".join(experiment.__doc__.split("\n\n")[0].split())
+            print(f"{name:24} {chapter:15} {summary}")
         return
     unknown = [name for name in args.names if name not in known]
     if unknown:

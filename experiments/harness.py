@@ -64,14 +64,14 @@ def corpus_windows() -> tuple[GPTDataset, GPTDataset]:
     return windows(train_tokens), windows(val_tokens)
 
 
-def batches(data, batch_size: int = BATCH_SIZE, first_step: int = 0, seed: int = 0) -> Callable:
+def batches(data, batch_size: int = BATCH_SIZE, first_step: int = 0) -> Callable:
     """The batch of every step: ``step_batch`` over ``data``, from step ``first_step`` on.
 
     ``data`` is a ``GPTDataset`` (a batch is inputs and targets, (B, T) each) or a list of examples
     (a batch is the list of the examples picked)."""
 
     def batch_of(step: int):
-        which = step_batch(first_step + step, len(data), batch_size, seed)
+        which = step_batch(first_step + step, len(data), batch_size, seed=0)
         if isinstance(data, GPTDataset):
             return data.batch(which)
         return [data[i] for i in which.tolist()]

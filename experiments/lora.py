@@ -14,13 +14,13 @@ from benchmarks.harness import markdown_table
 from experiments.harness import corpus_windows, evaluate, fmt, pretrain, pretrained_tiny
 from src.lora import LoRALinear, apply_lora
 
-BASE_STEPS = 200
+BASE_STEPS, LORA_STEPS = 200, 100
 RANK = 16
 
 
-def finetune(model: nn.Module, train_set, steps: int = 100, lr: float = 1e-3) -> list[float]:
-    """``steps`` LoRA steps, continuing the base's run through the corpus where it stopped."""
-    return pretrain(model, train_set, steps, lr, first_step=BASE_STEPS)
+def finetune(model: nn.Module, train_set, lr: float = 1e-3) -> list[float]:
+    """``LORA_STEPS`` steps, continuing the base's run through the corpus where it stopped."""
+    return pretrain(model, train_set, LORA_STEPS, lr, first_step=BASE_STEPS)
 
 
 # --8<-- [start:lora-init]
@@ -54,7 +54,7 @@ def lora_init() -> str:
         finetune(model, train_set)
         rows.append([label, f"{difference:.2e}", fmt(at_start), fmt(evaluate(model, val_set))])
     header = ["", "max abs logit change at step 0",
-              f"validation loss at step 0 (base: {base_loss:.2f})", "after 100 LoRA steps"]  # fmt: skip
+              f"validation loss at step 0 (base: {base_loss:.2f})", f"after {LORA_STEPS} LoRA steps"]  # fmt: skip
     return markdown_table(header, rows)
 
 

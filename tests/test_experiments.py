@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO
 from test_run_it import Tolerance, differences
 
-from experiments.__main__ import CHAPTERS, OUT, experiments
+from experiments.__main__ import CHAPTERS, OUT, all_experiments
 
 RUN = [sys.executable, "-m", "experiments"]
 
@@ -24,14 +24,16 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_every_experiment_has_a_table_and_every_table_an_experiment():
-    assert sorted(p.stem for p in OUT.glob("*.md")) == sorted(experiments())
+    assert sorted(p.stem for p in OUT.glob("*.md")) == sorted(all_experiments())
 
 
 def test_list_names_every_experiment_with_its_chapter():
     listed = run("--list")
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
-    assert [line.split()[:2] for line in lines] == [[n, c] for n, (c, _) in experiments().items()]
+    assert [line.split()[:2] for line in lines] == [
+        [n, c] for n, (c, _) in all_experiments().items()
+    ]
 
 
 def test_the_chapters_are_the_books_pages():
@@ -40,9 +42,9 @@ def test_the_chapters_are_the_books_pages():
         assert (REPO / "experiments" / f"{chapter.replace('-', '_')}.py").is_file(), chapter
 
 
-@pytest.mark.parametrize("name", list(experiments()))
+@pytest.mark.parametrize("name", list(all_experiments()))
 def test_each_page_shows_the_table_the_breaking_lines_and_modify_it(name):
-    chapter = experiments()[name][0]
+    chapter = all_experiments()[name][0]
     module = f"experiments/{chapter.replace('-', '_')}.py"
     source = (REPO / module).read_text()
     section = re.search(rf"# --8<-- \[start:{name}\]\n(.*?)# --8<-- \[end:{name}\]", source, re.S)
