@@ -36,6 +36,18 @@ def test_dot_product_attention_is_a_similarity_weighted_average():
     torch.testing.assert_close(out, expected)
 
 
+def test_the_chapters_toy_example():
+    # The numbers the chapter shows: three 2-d vectors, the third pointing away from the first.
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], dtype=D)
+    weights = torch.softmax(x @ x.T, dim=-1)
+    torch.testing.assert_close(
+        weights[0], torch.tensor([0.665, 0.245, 0.090], dtype=D), atol=5e-4, rtol=0
+    )
+    out = dot_product_attention(x)
+    torch.testing.assert_close(out[0], torch.tensor([0.575, 0.245], dtype=D), atol=5e-4, rtol=0)
+    torch.testing.assert_close(out[1], torch.tensor([0.0, 0.576], dtype=D), atol=5e-4, rtol=0)
+
+
 def test_self_attention_with_identity_projections_is_step_1():
     # Queries and keys of d^(1/4) x, values x: the 1/sqrt(d) scale cancels, and step 2 is step 1.
     d = 4
@@ -59,6 +71,22 @@ def test_causal_attention_is_self_attention_over_the_prefix():
         torch.testing.assert_close(out[:, t], plain(x[:, : t + 1])[:, -1])
     # The last position sees everything: there, masked and unmasked attention agree.
     torch.testing.assert_close(out[:, -1], plain(x)[:, -1])
+
+
+def test_masking_before_the_softmax_is_zeroing_after_it_and_renormalising():
+    attn = CausalAttention(8, 8, context_length=7).double()
+    q, k = torch.randn(2, 7, 8, dtype=D), torch.randn(2, 7, 8, dtype=D)
+    unmasked = SelfAttention.weights(attn, q, k)  # step 2's weights, every position visible
+    below = unmasked * torch.ones(7, 7, dtype=D).tril()  # keep the past and the present
+    torch.testing.assert_close(attn.weights(q, k), below / below.sum(-1, keepdim=True))
+
+
+def test_the_mask_is_a_buffer_it_moves_with_the_module_and_is_not_saved():
+    attn = CausalAttention(4, 4, context_length=5)
+    assert "mask" in dict(attn.named_buffers()) and "mask" not in attn.state_dict()
+    assert all(name != "mask" for name, _ in attn.named_parameters())  # the optimizer never sees it
+    assert attn.double().mask.dtype == torch.bool  # .double() converts floats; a bool mask stays
+    assert attn.to("meta").mask.device.type == "meta"  # .to(device) takes it along
 
 
 def test_dropout_zeroes_a_fraction_p_scales_the_rest_and_eval_turns_it_off():
@@ -139,3 +167,20 @@ def test_the_split_is_one_matrix_product_where_the_stack_is_n_heads():
     # Same number of projection weights either way; the split adds only the output projection.
     in_wrapper = sum(p.numel() for p in wrapper.parameters())
     assert sum(p.numel() for p in mha.parameters()) == in_wrapper + 32 * 32 + 32
+
+
+def test_view_splits_in_place_transpose_strides_and_reshape_after_it_copies():
+    B, T, H, hd = 2, 3, 4, 5
+    x = torch.randn(B, T, H * hd)  # a projection's output
+    heads = x.view(B, T, H, hd)  # the same memory, read with a new shape
+    assert heads.data_ptr() == x.data_ptr()
+    moved = heads.transpose(1, 2)  # (B, H, T, hd): still the same memory, other strides
+    assert moved.data_ptr() == x.data_ptr() and not moved.is_contiguous()
+    # The attention core returns a fresh, contiguous (B, H, T, hd); moving heads back behind time
+    # gives a strided (B, T, H, hd) whose H and hd are no longer neighbours in memory.
+    context = torch.randn(B, H, T, hd).transpose(1, 2)
+    with pytest.raises(RuntimeError, match="view"):
+        context.view(B, T, H * hd)  # view never copies, so it refuses
+    merged = context.reshape(B, T, H * hd)  # reshape copies when it must
+    assert merged.data_ptr() != context.data_ptr() and merged.is_contiguous()
+    torch.testing.assert_close(merged, context.contiguous().view(B, T, H * hd))
