@@ -81,6 +81,7 @@ STEPS = [
          lambda: [["benchmarks/attention.py", "--threads", str(os.cpu_count()),
                    "--out", "docs/assets/attention-benchmark-h100"]],
          "attention-benchmark-h100.{json,md,png}", 2, needs_h100),
+    Step("activations", lambda: [["experiments/activations.py"]], "gelu-vs-relu.md", 5),
     Step("train-speed", lambda: [["benchmarks/train.py"]], "train-benchmark.{json,md}", 4),
     Step("generate-speed", lambda: [["benchmarks/generate.py"]], "generate-benchmark.{json,md}", 1),
     Step("default-run",
