@@ -93,7 +93,7 @@ def _top_p_cases(g):
     return [
         Case("probabilities 0.5, 0.3, 0.2 and p = 0.6: 0.5 is not enough, the 0.3 that crosses "
              "p is kept too", (_log([0.5, 0.3, 0.2]), 0.6)),
-        Case("p below the top probability: the top token alone, never none", (_log([0.1, 0.7, 0.2]), 0.5)),
+        Case("p below the top probability: the top token alone, never none", (_log([0.7, 0.2, 0.1]), 0.5)),
         Case("not sorted: the kept logits stay in their places", (_log([0.05, 0.15, 0.6, 0.2]), 0.7)),
         Case("p = 1 keeps every token", (torch.tensor([0.0, 1.0, -1.0, 2.0]), 1.0)),
         Case("a batch of two rows: each row its own nucleus", (torch.stack([_log([0.4, 0.3, 0.2, 0.1]),

@@ -48,8 +48,13 @@ def config_from_shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
     shapes = {k.removeprefix("transformer."): v.shape for k, v in state_dict.items()}
     vocab_size, emb_dim = shapes["wte.weight"]
     layers = {int(k.split(".")[1]) for k in shapes if k.startswith("h.")}  # the block numbers
-    return dict(vocab_size=vocab_size, context_length=shapes["wpe.weight"][0], emb_dim=emb_dim,
-                n_layers=len(layers), n_heads=emb_dim // 64)  # fmt: skip
+    return dict(
+        vocab_size=vocab_size,
+        context_length=shapes["wpe.weight"][0],
+        emb_dim=emb_dim,
+        n_layers=len(layers),
+        n_heads=emb_dim // 64,  # no shape says it: GPT-2's heads have 64 dimensions
+    )
 
 
 # --8<-- [end:config_from_shapes]

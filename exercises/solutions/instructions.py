@@ -108,7 +108,8 @@ EXERCISES = [
         "token_f1", "F1 of the words two texts share, each counted as often as it occurs in both",
         reference=instruct.token_f1,
         cases=lambda g: [
-            Case("the same words: 1", ("The answer is 4.", "the answer is 4")),
+            Case("the same words; case and punctuation do not count: 1",
+                 ("The answer is 4.", "the answer is 4")),
             Case("a repeated word counts as often as it occurs in both",
                  ("the the the cat", "the cat sat")),
             Case("half the words", ("Paris is big", "Paris is the capital of France")),

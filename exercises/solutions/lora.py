@@ -42,14 +42,21 @@ def merge_lora_weight(
 
 
 # --8<-- [start:lora_parameter_count]
-LAYER_SHAPES = {"W_query": (1, 1), "W_key": (1, 1), "W_value": (1, 1), "out_proj": (1, 1),
-                "fc": (1, 4), "proj": (4, 1)}  # (in, out) in units of emb_dim  # fmt: skip
+# (in, out) of each Linear layer of a block, in units of emb_dim
+LAYERS = {
+    "W_query": (1, 1),
+    "W_key": (1, 1),
+    "W_value": (1, 1),
+    "out_proj": (1, 1),
+    "fc": (1, 4),
+    "proj": (4, 1),
+}
 
 
 def lora_parameter_count(emb_dim: int, n_layers: int, rank: int, targets: tuple[str, ...]) -> int:
     per_block = 0
     for name in targets:
-        d_in, d_out = (emb_dim * n for n in LAYER_SHAPES[name])
+        d_in, d_out = (emb_dim * n for n in LAYERS[name])
         per_block += rank * d_in + d_out * rank  # A (rank, in) and B (out, rank)
     return n_layers * per_block
 
@@ -152,8 +159,9 @@ EXERCISES = [
     Exercise(
         "merge_lora_weight", "fold the update into the frozen weight: W + (alpha / rank) B A",
         reference=_merge_by_src, cases=_merge_cases,
-        hint="B @ A is (out, rank) @ (rank, in) = (out, in), the weight's own layout; A.T @ B.T is "
-        "its transpose, which a square layer accepts without complaint",
+        hint="add (alpha / rank) * (B @ A), rank = A.shape[0]; B @ A is (out, rank) @ (rank, in) = "
+        "(out, in), the weight's own layout; A.T @ B.T is its transpose, which a square layer "
+        "accepts without complaint",
     ),
     Exercise(
         "lora_parameter_count", "the numbers an adapter trains: rank x (in + out) per wrapped layer",
