@@ -105,7 +105,8 @@ def _backward_cases(g):
 
 def _causal_cases(g):
     return [
-        Case("three rows of zeros: row 0 is [1, 0, 0], row 2 is uniform over three columns",
+        Case("three rows of zeros: row 0 is [1, 0, 0]; a 0 written above the diagonal would get "
+             "the weight exp(0) = 1",
              (torch.zeros(3, 3), 1.0)),
         Case("the scale goes inside the softmax: softmax(0.125 * scores)",
              (_t([[4.0, 0.0], [8.0, 0.0]]), 0.125)),
