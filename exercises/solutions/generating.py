@@ -1,7 +1,7 @@
 """Generating text: the answers, and the cases each one is checked on.
 
-References: the two filters against a brute force in float64 that walks each row's tokens in order
-of probability, one by one; ``greedy_generate`` against the project's ``src.generate.generate``
+The answers to the two filters are the sampler's own functions in ``src/generate.py``, checked here
+against a brute force in float64 that walks each row's tokens in order of probability, one by one; ``greedy_generate`` against the project's ``src.generate.generate``
 with ``temperature=0`` and no KV cache.
 """
 
@@ -10,31 +10,8 @@ import math
 import torch
 
 from exercises.checker import Case, Exercise
-from src.generate import generate
+from src.generate import generate, top_k_filter, top_p_filter  # noqa: F401 (the answers)
 from src.model import GPTConfig, GPTModel
-
-
-# --8<-- [start:top_k_filter]
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    k = min(k, logits.shape[-1])  # topk refuses a k larger than the row
-    kth_best = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1): the k-th largest
-    return logits.masked_fill(logits < kth_best, float("-inf"))
-
-
-# --8<-- [end:top_k_filter]
-
-
-# --8<-- [start:top_p_filter]
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs  # what the more probable tokens hold
-    drop_sorted = mass_before >= p  # they reach p already: this token is not needed
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back in vocab order
-    return logits.masked_fill(drop, float("-inf"))
-
-
-# --8<-- [end:top_p_filter]
 
 
 # --8<-- [start:greedy_generate]
