@@ -159,7 +159,7 @@ def check(exercise: Exercise, function: Callable | None) -> list[str]:
 def _where(err: Exception, function: Callable) -> str:
     """Where an error was raised: the line in the reader's file, or the file and line beyond it."""
     frames = traceback.extract_tb(err.__traceback__)
-    mine = inspect.getsourcefile(function)
+    mine = inspect.getsourcefile(inspect.unwrap(function))
     last_mine = [f for f in frames if f.filename == mine]
     at = frames[-1]
     if at.filename == mine or not last_mine:
