@@ -151,9 +151,12 @@ def load_llama_state_dict(model: GPTModel, state_dict: Mapping[str, torch.Tensor
     ``lm_head.weight``: the head is the embedding."""
     theirs = {k if k.startswith(("model.", "lm_head.")) else f"model.{k}": v
               for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}  # fmt: skip
-    tied = model.cfg.tie_weights and "lm_head.weight" not in theirs
-    if tied and "model.embed_tokens.weight" in theirs:
-        theirs["lm_head.weight"] = theirs["model.embed_tokens.weight"]
+    head, embedding = theirs.get("lm_head.weight"), theirs.get("model.embed_tokens.weight")
+    if model.cfg.tie_weights and head is None and embedding is not None:
+        theirs["lm_head.weight"] = embedding
+    elif model.cfg.tie_weights and head is not None and not torch.equal(head, embedding):
+        raise UserError("the state dict has an lm_head.weight of its own, but the config ties "
+                        "the head to the embedding (tie_word_embeddings)")  # fmt: skip
     keep = lambda t: t  # noqa: E731
     sources = {name: (hf_name(name), keep) for name in model.state_dict()}
     return copy_mapped(model, theirs, sources, "Llama")
