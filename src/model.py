@@ -306,7 +306,8 @@ class GPTModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, kv_cache: list[KVCache] | None = None) -> torch.Tensor:
         """With ``kv_cache`` (one ``KVCache`` per block), ``idx`` continues the tokens already
-        cached: its positions count on from the cache's length."""
+        cached: its positions count on from the cache's length (in each row, from its first real
+        token when the cache records left padding)."""
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache[0].length
         if start + T > self.cfg.context_length:
@@ -315,7 +316,12 @@ class GPTModel(nn.Module):
             )
         x = self.tok_emb(idx)  # (B, T, emb_dim)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            positions = (
+                torch.arange(T, device=idx.device)
+                if kv_cache is None
+                else kv_cache[0].positions(T, idx.device)  # (T,), or (B, T) for padded rows
+            )
+            x = x + self.pos_emb(positions)
         x = self.drop_emb(x)
         for i, block in enumerate(self.trf_blocks):
             x = block(x, None if kv_cache is None else kv_cache[i])  # (B, T, emb_dim)
