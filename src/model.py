@@ -132,6 +132,11 @@ PRESETS: dict[str, GPTConfig] = {
     "cpu-tiny": GPTConfig(
         vocab_size=1024, context_length=64, emb_dim=64, n_heads=2, n_layers=2, drop_rate=0.0
     ),
+    # The draft of cpu-small for speculative decoding: cpu-tiny's width and depth, with cpu-small's
+    # vocabulary (the same tokenizer) and context (it reads as far back as the model it drafts for).
+    "cpu-draft": GPTConfig(
+        vocab_size=8192, context_length=256, emb_dim=64, n_heads=2, n_layers=2, drop_rate=0.0
+    ),
 }
 # --8<-- [end:config]
 
