@@ -375,7 +375,8 @@ class KVCache:
         self.max_length = max_length
         self.padding = padding  # (B,) int64, or None: no row is padded
         self.length = 0  # slots written so far
-        self.keys: torch.Tensor | None = None  # (B, KV, max_length, hd), allocated at the first write
+        # (B, KV, max_length, hd) each, allocated at the first write
+        self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
 
     @property

@@ -201,7 +201,7 @@ def load_quantized(path: str | Path) -> GPTModel:
         settings = json.loads(metadata["quantization"])
         aliases = json.loads(metadata["aliases"])
     except Exception as err:  # noqa: BLE001 (missing, damaged, or another kind of file)
-        raise UserError(f"{path} is not a quantized model saved by save_quantized ({err})") from None
+        raise UserError(f"{path} is not a model save_quantized wrote ({err})") from None
     model = quantize_model(GPTModel(cfg), **settings)  # the layout; the weights come next
     tensors |= {name: tensors[source] for name, source in aliases.items()}
     try:

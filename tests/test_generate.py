@@ -21,7 +21,7 @@ from src.generate import (
     speculative_rounds,
     stream,
 )
-from src.model import GPTConfig, GPTModel
+from src.model import LLAMA_STYLE, GPTConfig, GPTModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
@@ -295,8 +295,7 @@ def test_rewind_forgets_and_the_next_write_overwrites():
 
 BATCH_MODELS = {
     "gpt2": dict(),
-    "llama": dict(norm="rmsnorm", pos_emb="rope", ff="swiglu", qk_norm=True, bias=False,
-                  n_heads=4, n_kv_heads=2),  # fmt: skip
+    "llama": dict(**LLAMA_STYLE, n_heads=4, n_kv_heads=2),  # grouped heads, rotary positions
 }
 
 
@@ -390,8 +389,8 @@ def test_the_chi_square_test_itself():
     # Known quantiles: chi2(1) exceeds 3.841 and chi2(5) exceeds 11.07 with probability 0.05.
     assert chi_square_p_value(torch.tensor([60, 40]), torch.tensor([0.5, 0.5])) == pytest.approx(
         0.0455, abs=1e-3)  # fmt: skip
-    dof = torch.tensor(2.5, dtype=torch.float64)
-    assert torch.special.gammaincc(dof, torch.tensor(11.07 / 2)).item() == pytest.approx(0.05, abs=1e-3)
+    five = torch.special.gammaincc(torch.tensor(2.5), torch.tensor(11.07 / 2)).item()
+    assert five == pytest.approx(0.05, abs=1e-3)
 
 
 SIGNIFICANCE = 1e-3  # a distribution test fails when its p-value is below this
