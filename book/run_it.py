@@ -316,6 +316,20 @@ def generating(tmp: Path) -> str:
     return "```text\n" + command(argv, tmp) + "```\n"
 
 
+def small_and_fast(tmp: Path) -> str:
+    """Greedy generation from the default run three ways: as trained, with int4 weights, and drafted
+    for by the draft run; the first and the last must print the same text."""
+    for folder in (REPO / "runs" / "default", REPO / "runs" / "draft"):
+        if not (folder / "checkpoints").is_dir():
+            raise Unavailable(
+                f"no checkpoint in {folder}: benchmarks/inference.py names its command"
+            )
+    base = [sys.executable, "-m", "src.generate", "--checkpoint", "runs/default", "--prompt",
+            "The for statement", "--max-new-tokens", "60", "--temperature", "0"]  # fmt: skip
+    ways = [[], ["--quantize", "int4", "--group-size", "64"], ["--draft", "runs/draft"]]
+    return "```text\n" + "\n".join(command(base + way, tmp) for way in ways) + "```\n"
+
+
 def instructions(tmp: Path) -> str:
     """Instruction finetuning of a small model from scratch on the real data, with and without the
     prompt masked, then two of the test answers; needs the reference data (about 13 minutes)."""
@@ -411,6 +425,7 @@ CHAPTERS: dict[str, Callable[[], str]] = {
     "lora": lambda: captured(lora),
     "generating": in_a_temporary_folder(generating),
     "instructions": in_a_temporary_folder(instructions),
+    "small-and-fast": in_a_temporary_folder(small_and_fast),
 }
 
 

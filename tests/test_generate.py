@@ -176,6 +176,20 @@ def test_cli_streams_same_text_with_and_without_cache(checkpoint, capsys):
     assert code == 0 and without == with_cache and "KV cache off" in said
 
 
+def test_cli_draft_writes_the_same_greedy_text_and_quantize_says_so(checkpoint, capsys):
+    args = ["--checkpoint", str(checkpoint), "--prompt", "The ", "--temperature", "0",
+            "--max-new-tokens", "30"]  # fmt: skip
+    _, alone, _ = run_generate(capsys, *args)
+    # The checkpoint drafting for itself: every draft token is the target's own argmax.
+    code, drafted, said = run_generate(capsys, *args, "--draft", str(checkpoint))
+    assert code == 0 and drafted == alone, said
+    assert "draft tokens accepted 100% (4 per round)" in said
+    code, _, said = run_generate(capsys, *args, "--quantize", "int4", "--group-size", "32")
+    assert code == 0 and "weights int4, a scale per 32 weights" in said
+    code, _, said = run_generate(capsys, *args, "--group-size", "32")
+    assert code == 2 and "--group-size needs --quantize" in said
+
+
 def test_cli_errors_are_one_line(tmp_path, checkpoint, capsys):
     for args, message in [
         (["--checkpoint", str(tmp_path)], "no checkpoint in"),
