@@ -91,6 +91,7 @@ def ensure_run(name: str) -> tuple[GPTModel, object, str]:
 # The cache
 
 
+# --8<-- [start:concat_cache]
 class ConcatKVCache(KVCache):
     """The cache as it was: ``torch.cat`` at every step, which copies every cached position."""
 
@@ -99,6 +100,9 @@ class ConcatKVCache(KVCache):
         self.values = v if self.values is None else torch.cat([self.values, v], dim=2)
         self.length = self.keys.shape[2]
         return self.keys, self.values
+
+
+# --8<-- [end:concat_cache]
 
 
 @torch.no_grad()
