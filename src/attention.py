@@ -95,28 +95,22 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(
                 f"sequence length {start + T} exceeds context_length {self.context_length}"
             )
+        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
         # Project, then split the last dimension into heads and move heads before time.
-        q = self.W_query(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = (
-            self.W_key(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        )  # (B, KV, T, hd)
-        v = (
-            self.W_value(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        )  # (B, KV, T, hd)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)  # each head's vector, before it is rotated
-        if self.rope is not None:
-            q, k = (
-                self.rope(q, start),
-                self.rope(k, start),
-            )  # rotated by positions start, start+1, ...
+        q = self.W_query(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.W_key(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.W_value(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        if self.q_norm is not None:  # each head's vector, before it is rotated
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:  # rotated by the positions start, start + 1, ...
+            q, k = self.rope(q, start), self.rope(k, start)
         if kv_cache is None:
             context = self.attend(q, k, v)  # (B, H, T, hd)
         else:
             k, v = kv_cache.append(k, v)  # (B, KV, start + T, hd): only the key/value heads
             context = attend_cached(q, k, v, causal_mask(T, x.device, start))
         # Put the heads side by side again and mix them.
-        context = context.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        context = context.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H * hd)
         return self.out_proj(context)  # (B, T, d_out)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
