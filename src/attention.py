@@ -210,21 +210,18 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(
                 f"sequence length {start + T} exceeds context_length {self.context_length}"
             )
+        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
         # Project, then split the last dimension into heads and move heads before time.
-        q = self.W_query(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = (
-            self.W_key(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        )  # (B, KV, T, hd)
-        v = (
-            self.W_value(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        )  # (B, KV, T, hd)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)  # each head's vector, before it is rotated
-        if self.rope is not None:
+        q = self.W_query(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.W_key(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.W_value(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        if self.q_norm is not None:  # each head's vector, before it is rotated
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:  # rotated by their positions: start, start + 1, ... in each row
             positions = (
                 torch.arange(T, device=x.device)
                 if kv_cache is None
-                else kv_cache.positions(T, x.device)  # start, start+1, ... (per row if padded)
+                else kv_cache.positions(T, x.device)
             )
             q, k = self.rope(q, positions), self.rope(k, positions)
         if kv_cache is None:
@@ -234,7 +231,7 @@ class MultiHeadAttention(nn.Module):
             k, v = kv_cache.append(k, v, self.context_length)
             context = attend_cached(q, k, v, kv_cache.mask(T))
         # Put the heads side by side again and mix them.
-        context = context.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        context = context.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H * hd)
         return self.out_proj(context)  # (B, T, d_out)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

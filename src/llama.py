@@ -152,9 +152,10 @@ def load_llama_state_dict(model: GPTModel, state_dict: Mapping[str, torch.Tensor
     theirs = {k if k.startswith(("model.", "lm_head.")) else f"model.{k}": v
               for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}  # fmt: skip
     head, embedding = theirs.get("lm_head.weight"), theirs.get("model.embed_tokens.weight")
-    if model.cfg.tie_weights and head is None and embedding is not None:
+    tied = model.cfg.tie_weights and embedding is not None
+    if tied and head is None:
         theirs["lm_head.weight"] = embedding
-    elif model.cfg.tie_weights and head is not None and not torch.equal(head, embedding):
+    elif tied and not torch.equal(head, embedding):
         raise UserError("the state dict has an lm_head.weight of its own, but the config ties "
                         "the head to the embedding (tie_word_embeddings)")  # fmt: skip
     keep = lambda t: t  # noqa: E731

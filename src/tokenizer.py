@@ -551,8 +551,8 @@ def is_tokenizer_json(path: Path) -> bool:
     """Whether ``path`` is a Hugging Face ``tokenizer.json`` (which has a ``model`` section)
     rather than a file our ``save`` wrote (which says ``"format": "byte-level-bpe"``)."""
     with open(path, "rb") as f:
-        head = f.read(1 << 16)
-    return b'"model"' in head and b'"byte-level-bpe"' not in head
+        head = f.read(1 << 20)  # "model" follows the added tokens, which can fill many KB
+    return b'"model"' in head and b'"byte-level-bpe"' not in head[:256]
 
 
 # --8<-- [end:hf_tokenizer]

@@ -102,7 +102,8 @@ def test_greedy_generation_with_our_kv_cache_matches_transformers(name):
     ref = hf_model(name, seed=3)
     ours = ours_for(ref)
     prompt = torch.tensor([[5, 17, 42, 99, 3]])
-    got = generate_ids(ours, prompt, max_new_tokens=30, context_length=48)
+    eos = ref.generation_config.eos_token_id  # transformers stops there; so must we
+    got = generate_ids(ours, prompt, max_new_tokens=30, context_length=48, eos_id=eos)
     expected = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30,
                             do_sample=False, pad_token_id=0)  # fmt: skip
     assert len(set(got[0, 5:].tolist())) > 3  # a real continuation, not one token repeated
