@@ -363,7 +363,8 @@ def run(args) -> None:
 
 def write_tables(result: dict, gpt2_note: str, out: Path) -> None:
     made_by = (
-        f"*Made by `uv run python benchmarks/inference.py` ({result['threads']} threads, "
+        f"*Made by `uv run python benchmarks/inference.py --threads {result['threads']}` "
+        f"({result['threads']} thread{'s' * (result['threads'] > 1)}, "
         f"load average {result['load']:.1f} at the start"
     )
     tables = {

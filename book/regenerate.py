@@ -88,7 +88,8 @@ STEPS = [
          lambda: [["-m", "src.train"], ["book/curves.py", "runs/default"]],
          "default-curve.{png,md}", 4),
     # After the default run, which it measures (it trains the draft run first if it is missing).
-    Step("inference", lambda: [["benchmarks/inference.py"]], "inference-*.{json,md}", 20),
+    Step("inference", lambda: [["benchmarks/inference.py", "--threads", "1"]],
+         "inference-*.{json,md}", 15),
     # After the default run: the Generating chapter's output is the generator on its checkpoint.
     Step("run-it", lambda: [["book/run_it.py"]], "run-it/*.md", 15),  # 13 of them instructions
     Step("modern", lambda: [["experiments/modern.py"]], "modern/*.md", 6),

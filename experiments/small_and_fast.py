@@ -5,6 +5,7 @@ Both start from the tiny model trained for 400 steps on the default corpus (the 
 second also from the same model after 50 steps (the draft: the same tokenizer, a worse model).
 """
 
+import copy
 import math
 from unittest import mock
 
@@ -25,6 +26,23 @@ INT4 = {  # label -> group_size: weights of a row that share one scale
     "int4, groups of 32": 32,
     "int4, one scale per row": None,  # one outlier sets the step of the whole row
 }
+
+
+@torch.no_grad()
+def with_outlier_columns(model, factor: float = 20.0, channels: int = 2):
+    """The same function, with outliers in every row as large models have: ``channels`` features
+    of each LayerNorm shrink by ``factor``, the columns that read them grow by it."""
+    model = copy.deepcopy(model)
+    for block in model.trf_blocks:
+        for norm, layers in ((block.norm1, (block.att.W_query, block.att.W_key,
+                              block.att.W_value)), (block.norm2, (block.ff.fc,))):  # fmt: skip
+            norm.scale[:channels] /= factor
+            norm.shift[:channels] /= factor
+            for layer in layers:
+                layer.weight[:, :channels] *= factor  # W x = (W D) (D^-1 x)
+    return model
+
+
 # --8<-- [end:int4-one-scale]
 
 
@@ -40,21 +58,31 @@ def rounding_error(model, group_size: int | None) -> float:
 
 
 def int4_one_scale() -> str:
-    """int4 with groups against int4 with one scale per row: validation loss and perplexity."""
-    model, (_, val_tokens) = pretrained_tiny(TARGET_STEPS), corpus_tokens()
-    val, full = windows(val_tokens), model_size_bytes(model)
-    base = evaluate(model, val)
-    rows = [["float32", f"{full:,}", "", f"{base:.3f}", f"{math.exp(base):.1f}", ""]]
-    for label, group_size in {"int8, a scale per row": None, **INT4}.items():
-        bits = 8 if label.startswith("int8") else 4
-        quantized = quantize_model(model, bits, group_size)
-        loss = evaluate(quantized, val)
-        error = "" if bits == 8 else f"{rounding_error(model, group_size):.1%}"
-        rows.append([label, f"{model_size_bytes(quantized):,}", error, f"{loss:.3f}",
-                     f"{math.exp(loss):.1f}", f"{math.exp(loss - base) - 1:+.1%}"])  # fmt: skip
-    header = ["weights", "bytes", "mean rounding error of a weight", "validation loss",
-              "perplexity", "change"]  # fmt: skip
-    return markdown_table(header, rows, align="lrrrrr")
+    """int4 with groups against one scale per row, on the model as trained and on the same function
+    with outlier columns: validation perplexity."""
+    trained, (_, val_tokens) = pretrained_tiny(TARGET_STEPS), corpus_tokens()
+    val, models = windows(val_tokens), {"as trained": trained}
+    models["with outlier columns"] = with_outlier_columns(trained)
+    losses = {name: {"float32": evaluate(m, val)} for name, m in models.items()}
+    for name, m in models.items():
+        losses[name]["int8, a scale per row"] = evaluate(quantize_model(m, 8), val)
+        for label, group_size in INT4.items():
+            losses[name][label] = evaluate(quantize_model(m, 4, group_size), val)
+    rows = []
+    for label in losses["as trained"]:
+        group = INT4.get(label)
+        size = model_size_bytes(trained if label == "float32" else quantize_model(
+            trained, 4 if label in INT4 else 8, group))  # fmt: skip
+        cells = [label, f"{size:,}"]
+        for name, m in models.items():
+            base, loss = losses[name]["float32"], losses[name][label]
+            change = "" if label == "float32" else f" ({math.exp(loss - base) - 1:+.1%})"
+            error = f"{rounding_error(m, group):.1%}, " if label in INT4 else ""
+            cells.append(f"{error}{math.exp(loss):.1f}{change}")
+        rows.append(cells)
+    header = ["weights", "bytes", "as trained: rounding error, perplexity (change)",
+              "with outlier columns: rounding error, perplexity (change)"]  # fmt: skip
+    return markdown_table(header, rows, align="lrrr")
 
 
 # --8<-- [start:accept-every-draft]
