@@ -1,8 +1,8 @@
 """The book's "Run it" outputs: what each chapter's code prints when you run it.
 
-The library chapters (tokens, batches, attention, the model, LoRA) have no command line of their
-own, so this script holds one short demo per chapter; the page embeds the demo's code by name and
-then its output. The chapters with a command (classification, scaling out, generating) get the real
+The library chapters (tokens, batches, attention, the model, the modern LLM, LoRA) have no command
+line of their own, so this script holds one short demo per chapter; the page embeds the demo's code
+by name and then its output. The chapters with a command (classification, scaling out, generating) get the real
 command, run as a subprocess; the page shows the command line and what it printed. Generating needs
 the default run's checkpoint (``uv run python -m src.train`` makes it). Either way the output is written to
 ``docs/assets/run-it/<chapter>.md``, which the page includes unchanged:
