@@ -87,6 +87,14 @@ STEPS = [
          "default-curve.{png,md}", 4),
     # After the default run: the Generating chapter's output is the generator on its checkpoint.
     Step("run-it", lambda: [["benchmarks/run_it.py"]], "run-it/*.md", 15),  # 13 of them instructions
+    # After the default run: its MFU is read from runs/default.
+    Step("accounting", lambda: [["experiments/accounting.py"]], "accounting/*.md", 2),
+    Step("scaling-lab",
+         lambda: [["experiments/scaling.py", "--book"],
+                  ["experiments/scaling.py", "--quick", "--book"],
+                  ["experiments/scaling.py", "--quick", "--break-it", "--book"]],
+         "scaling/*", 60),
+    Step("efficiency", lambda: [["experiments/efficiency.py"]], "efficiency/*", 75),
     Step("verdict",
          lambda: [verdict_command(),
                   ["benchmarks/curves.py", "runs/verdict", "--reference", "verdict"]],

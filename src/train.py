@@ -137,7 +137,7 @@ def build_parser() -> Parser:
     a("--preset", default="cpu-small", help=f"model size: {', '.join(PRESETS)}")
     a("--data", help="a UTF-8 text file or a folder of .txt files to train on, or a built-in "
       "corpus: python-docs (Python's documentation, 0.5 MB, the default) or python-stdlib (the "
-      "standard library's source code, 12 MB)")  # fmt: skip
+      "standard library's source code and tests, 31 MB)")  # fmt: skip
     a("--tokenizer", help="'gpt2', a folder with GPT-2's encoder.json and vocab.bpe, or a saved "
       "tokenizer file; when not given, a BPE tokenizer of --vocab-size tokens is trained on the "
       "corpus and cached")  # fmt: skip
@@ -451,6 +451,7 @@ def restore_rng(seed: int, rank: int, world_size: int, meta: dict | None) -> Non
               f"has {world_size}; dropout draws start afresh", file=sys.stderr)  # fmt: skip
 
 
+# --8<-- [start:checkpointing]
 def checkpoint_blocks(model: GPTModel) -> None:
     """``--activation-checkpointing``: every block runs under ``torch.utils.checkpoint``, which
     saves only the block's input and recomputes the rest when the backward pass reaches it (with
@@ -458,6 +459,9 @@ def checkpoint_blocks(model: GPTModel) -> None:
     names and checkpoints are unchanged."""
     for block in model.trf_blocks:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+# --8<-- [end:checkpointing]
 
 
 def open_outputs(folder: RunFolder, resumed_at: int | None) -> MetricsLog:

@@ -1,0 +1,338 @@
+"""Training efficiency, measured: what each technique buys on the default run, and what it costs.
+
+    uv run python experiments/efficiency.py                    # every experiment, then the table
+    uv run python experiments/efficiency.py muon accumulation  # some of them, then the table
+
+- ``muon``: Muon against AdamW, each with its learning rate tuned on the same grid, two seeds each:
+  steps and seconds to reach the validation loss that every tuned AdamW run reaches.
+- ``bf16``: autocast to bfloat16 on the CPU against float32: tokens/s and the final loss.
+- ``compile``: ``torch.compile`` against eager: the time the first step spends compiling, tokens/s.
+- ``checkpointing``: activation checkpointing: peak memory against time per step.
+- ``accumulation``: four micro-batches of 2 against one batch of 8: the same losses, at what cost.
+- ``muon-everywhere``: Break it: Muon on the embeddings and the head too.
+
+Every training run is the real trainer (``src.train``) on the default settings, written to
+``runs/efficiency/<name>`` and reused when it is complete (resumed when it is not). Each experiment
+writes ``docs/assets/efficiency/<name>.json``; the table the chapter shows,
+``docs/assets/efficiency/table.md``, is assembled from them.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+from src import train as trainer
+from src.checkpoints import find_checkpoint
+from src.cli import read_jsonl
+from src.flops import PeakMemory, training_memory
+from src.model import GPTConfig, GPTModel
+from src.training import OPTIMIZERS, Muon, adamw, cross_entropy, optimizer_step
+
+REPO = Path(__file__).resolve().parent.parent
+RUNS = REPO / "runs" / "efficiency"
+OUT = REPO / "docs" / "assets" / "efficiency"
+STEPS, BATCH, CONTEXT = trainer.DEFAULT_MAX_STEPS, 8, 256  # the default run
+LEARNING_RATES = (1e-3, 2e-3, 4e-3)  # the grid each optimizer is tuned on, widened at an edge
+
+
+def run(name: str, flags: list[str], steps: int = STEPS) -> list[dict]:
+    """The metrics rows of the trainer run ``name``: the default run with ``flags``."""
+    out = RUNS / name
+    rows = read_jsonl(out / "metrics.jsonl")
+    if rows and rows[-1]["step"] == steps and "val_loss" in rows[-1]:
+        return rows  # done before
+    again = ["--resume"] if find_checkpoint(out) else ["--overwrite"] if out.exists() else []
+    print(f"== {name}: python -m src.train {' '.join(flags)}", file=sys.stderr, flush=True)
+    code = trainer.main([*flags, "--max-steps", str(steps), "--out-dir", str(out), *again])
+    if code != 0:
+        sys.exit(f"error: the run {name} failed (exit code {code})")
+    return read_jsonl(out / "metrics.jsonl")
+
+
+def final_loss(rows: list[dict]) -> float:
+    return rows[-1]["val_loss"]
+
+
+def step_seconds(row: dict) -> float:
+    return BATCH * CONTEXT / row["tokens_per_sec"]
+
+
+def to_target(rows: list[dict], target: float) -> tuple[float | None, float | None]:
+    """The step at which the validation loss first reaches ``target`` (interpolated between two
+    evaluations), and the training seconds up to it; None if it never does."""
+    evals = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    for (s0, l0), (s1, l1) in zip(evals, evals[1:], strict=False):
+        if l1 <= target:
+            step = s1 - (s1 - s0) * (target - l1) / (l0 - l1) if l0 > l1 else s1
+            seconds = sum(step_seconds(r) for r in rows if 0 < r["step"] <= round(step))
+            return step, seconds
+    return None, None
+
+
+# --8<-- [start:muon]
+def tuned(optimizer: str) -> tuple[float, dict[float, float]]:
+    """The learning rate with the lowest final validation loss on the default run (seed 123), from
+    ``LEARNING_RATES``, widened by a factor of 2 while the best is at an edge: one rule for both."""
+    rates = list(LEARNING_RATES)
+    finals = {}
+    while True:
+        for lr in rates:
+            if lr not in finals:
+                finals[lr] = final_loss(
+                    run(f"{optimizer}-lr{lr:g}-seed123", tuning_flags(optimizer, lr))
+                )
+        best = min(finals, key=finals.get)
+        if best == max(rates) and len(rates) < 6:
+            rates.append(best * 2)
+        elif best == min(rates) and len(rates) < 6:
+            rates.insert(0, best / 2)
+        else:
+            return best, finals
+
+
+def tuning_flags(optimizer: str, lr: float, seed: int = 123) -> list[str]:
+    # Evaluated every 10 steps (the default: 50), to see when a target is reached; evaluation
+    # reads fixed windows and draws no random numbers, so training is the default run's.
+    return ["--optimizer", optimizer, "--lr", str(lr), "--seed", str(seed), "--eval-interval", "10"]
+
+
+def muon() -> dict:
+    """Muon against AdamW, both tuned, two seeds each: steps and seconds to reach the loss that
+    every tuned AdamW run reaches (the highest of their final losses)."""
+    tuning = {optimizer: tuned(optimizer) for optimizer in ("adamw", "muon")}
+    runs = {(optimizer, seed): run(f"{optimizer}-lr{lr:g}-seed{seed}", tuning_flags(optimizer, lr, seed))
+            for optimizer, (lr, _) in tuning.items() for seed in (123, 7)}  # fmt: skip
+    target = max(final_loss(rows) for (optimizer, _), rows in runs.items() if optimizer == "adamw")
+    result = {"target": target}
+    for optimizer, (lr, sweep) in tuning.items():
+        mine = {seed: rows for (o, seed), rows in runs.items() if o == optimizer}
+        result[optimizer] = {
+            "lr": lr,
+            "sweep": sweep,
+            "final": {seed: final_loss(rows) for seed, rows in mine.items()},
+            "to_target": {seed: to_target(rows, target) for seed, rows in mine.items()},
+            "tokens_per_sec": statistics.median(
+                r["tokens_per_sec"] for rows in mine.values() for r in rows if r["step"] > 1
+            ),
+        }
+    return result
+
+
+# --8<-- [end:muon]
+
+
+# --8<-- [start:muon_everywhere]
+def muon_everywhere(model: torch.nn.Module, lr: float, weight_decay: float) -> Muon:
+    """Break it: Muon on every matrix of the model, the embeddings and the head included."""
+    matrices = [p for p in model.parameters() if p.dim() == 2]  # tok_emb, pos_emb, out_head too
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    return Muon([{"params": matrices, "weight_decay": weight_decay, "muon": True},
+                 {"params": vectors, "weight_decay": 0.0}], lr=lr)  # fmt: skip
+
+
+# --8<-- [end:muon_everywhere]
+
+
+def muon_everywhere_experiment() -> dict:
+    """The tuned Muon run against the same run with Muon on the embeddings and the head."""
+    lr, _ = tuned("muon")
+    OPTIMIZERS["muon-everywhere"] = muon_everywhere  # now the trainer's --optimizer offers it
+    result = {"lr": lr}
+    for name in ("muon", "muon-everywhere"):
+        rows = run(f"{name}-lr{lr:g}-seed123", tuning_flags(name, lr))
+        result[name] = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    return result
+
+
+def bf16() -> dict:
+    """bf16 autocast against float32: the default run with AdamW at its default rate."""
+    runs = {dtype: run(f"adamw-lr0.001-seed123{'' if dtype == 'fp32' else '-bf16'}",
+                       tuning_flags("adamw", 1e-3) + ["--dtype", dtype])
+            for dtype in ("fp32", "bf16")}  # fmt: skip
+    return {dtype: {"final": final_loss(rows), "mfu": statistics.median(r["mfu"] for r in rows[2:]),
+                    "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in rows[2:])}
+            for dtype, rows in runs.items()}  # fmt: skip
+
+
+def compile_experiment() -> dict:
+    """torch.compile against eager, 30 steps each: the first step compiles."""
+    result = {}
+    for mode, flags in (("eager", []), ("compile", ["--compile"])):
+        rows = run(f"{mode}-30", [*flags, "--eval-interval", "30"], steps=30)
+        steady = statistics.median(step_seconds(r) for r in rows[5:])
+        result[mode] = {"first_step_s": step_seconds(rows[1]), "step_s": steady,
+                        "compile_s": step_seconds(rows[1]) - steady,
+                        "tokens_per_sec": BATCH * CONTEXT / steady}  # fmt: skip
+    return result
+
+
+def default_model() -> tuple[GPTConfig, torch.Tensor, torch.Tensor]:
+    """The default run's model shape (cpu-small, an 8,192-token vocabulary) and a batch of ids."""
+    cfg = GPTConfig.from_preset("cpu-small")
+    generator = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, cfg.vocab_size, (BATCH, CONTEXT), generator=generator) for _ in "xy")
+    return cfg, x, y
+
+
+def measure_steps(make_step, repeats: int = 5) -> list[tuple[int, float]]:
+    """(peak bytes above the weights and AdamW, seconds) of one step of each variant, after a
+    warm-up step; the variants take turns, so a busy machine slows them alike."""
+    steps = [make() for make in make_step]
+    for step in steps:
+        step()
+    times = [[] for _ in steps]
+    peaks = [0] * len(steps)
+    for _ in range(repeats):
+        for i, step in enumerate(steps):
+            with PeakMemory() as memory:
+                start = time.perf_counter()
+                step()
+                times[i].append(time.perf_counter() - start)
+            peaks[i] = memory.peak
+    return [(peak, statistics.median(t)) for peak, t in zip(peaks, times, strict=True)]
+
+
+def training_step(checkpointing: bool = False, micro: int = BATCH):
+    """A maker of one default training step: ``BATCH`` sequences in micro-batches of ``micro``."""
+
+    def make():
+        cfg, x, y = default_model()
+        torch.manual_seed(0)
+        model = GPTModel(cfg)
+        if checkpointing:
+            trainer.checkpoint_blocks(model)
+        optimizer = adamw(model, 1e-3, 0.1)
+        batches = [(x[i : i + micro], y[i : i + micro]) for i in range(0, BATCH, micro)]
+        return lambda: optimizer_step(model, optimizer, batches,
+                                      lambda xy: cross_entropy(model(xy[0]), xy[1]), 1)  # fmt: skip
+
+    return make
+
+
+def checkpointing() -> dict:
+    """Peak memory and time per step, with and without activation checkpointing, beside the
+    estimate of ``src.flops``."""
+    (plain, plain_s), (kept, kept_s) = measure_steps([training_step(), training_step(True)])
+    cfg, _, _ = default_model()
+    held = training_memory(cfg, BATCH).weights + training_memory(cfg, BATCH).optimizer
+    return {name: {"peak_bytes": held + peak, "step_s": seconds,
+                   "estimate_bytes": training_memory(cfg, BATCH, flag).peak}
+            for name, flag, peak, seconds in (("plain", False, plain, plain_s),
+                                              ("checkpointing", True, kept, kept_s))}  # fmt: skip
+
+
+def accumulation() -> dict:
+    """A batch of 8 at once against 4 micro-batches of 2: the losses of 20 trainer steps, then
+    peak memory and time per step measured side by side."""
+    rows = {n: run(f"accum-{n}", ["--grad-accum", str(n), "--eval-interval", "20"], steps=20)
+            for n in (1, 4)}  # fmt: skip
+    losses = [[r["train_loss"] for r in rows[n][1:]] for n in (1, 4)]
+    (one, one_s), (four, four_s) = measure_steps([training_step(), training_step(micro=2)])
+    cfg, _, _ = default_model()
+    held = training_memory(cfg, BATCH).weights + training_memory(cfg, BATCH).optimizer
+    return {"max_relative_difference": max(abs(a - b) / a for a, b in zip(*losses, strict=True)),
+            "final_loss": {"1": losses[0][-1], "4": losses[1][-1]},
+            "peak_bytes": {"1": held + one, "4": held + four}, "step_s": {"1": one_s, "4": four_s}}  # fmt: skip
+
+
+EXPERIMENTS = {"muon": muon, "bf16": bf16, "compile": compile_experiment,
+               "checkpointing": checkpointing, "accumulation": accumulation,
+               "muon-everywhere": muon_everywhere_experiment}  # fmt: skip
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def table(results: dict) -> str:
+    """The chapter's table: one row per technique, from whichever results exist."""
+    lines = ["| technique | against | measured | result |", "| --- | --- | --- | --- |"]
+    if "muon" in results:
+        m = results["muon"]
+
+        def reach(entry):
+            steps = [s for s, _ in entry["to_target"].values()]
+            seconds = [t for _, t in entry["to_target"].values()]
+            if None in steps:
+                return "not reached by every seed"
+            return f"{statistics.mean(steps):.0f} steps, {statistics.mean(seconds):.0f} s"
+
+        lines.append(
+            f"| Muon (lr {m['muon']['lr']:g}) | AdamW (lr {m['adamw']['lr']:g}), both tuned, 2 "
+            f"seeds each | steps and training time to val loss {m['target']:.3f} | "
+            f"{reach(m['muon'])} against {reach(m['adamw'])}; final "
+            f"{statistics.mean(m['muon']['final'].values()):.3f} against "
+            f"{statistics.mean(m['adamw']['final'].values()):.3f} |"
+        )
+    if "bf16" in results:
+        b = results["bf16"]
+        lines.append(f"| bf16 autocast (CPU) | fp32 | tokens/s; final val loss | "
+                     f"{b['bf16']['tokens_per_sec']:,.0f} against {b['fp32']['tokens_per_sec']:,.0f} "
+                     f"tokens/s ({b['bf16']['tokens_per_sec'] / b['fp32']['tokens_per_sec']:.2f}x); "
+                     f"{b['bf16']['final']:.3f} against {b['fp32']['final']:.3f} |")  # fmt: skip
+    if "compile" in results:
+        c = results["compile"]
+        lines.append(f"| `torch.compile` | eager | compile time; tokens/s | "
+                     f"{c['compile']['compile_s']:.0f} s to compile; "
+                     f"{c['compile']['tokens_per_sec']:,.0f} against {c['eager']['tokens_per_sec']:,.0f} "
+                     f"tokens/s ({c['compile']['tokens_per_sec'] / c['eager']['tokens_per_sec']:.2f}x) |")  # fmt: skip
+    if "checkpointing" in results:
+        k = results["checkpointing"]
+        lines.append(f"| activation checkpointing | none | peak memory; time per step | "
+                     f"{mib(k['checkpointing']['peak_bytes'])} against {mib(k['plain']['peak_bytes'])}; "
+                     f"{k['checkpointing']['step_s'] * 1000:.0f} against {k['plain']['step_s'] * 1000:.0f} "
+                     f"ms ({k['checkpointing']['step_s'] / k['plain']['step_s']:.2f}x) |")  # fmt: skip
+    if "accumulation" in results:
+        a = results["accumulation"]
+        lines.append(f"| gradient accumulation, 4 x 2 sequences | one batch of 8 | losses of 20 "
+                     f"steps; peak memory; time per step | losses equal to a relative "
+                     f"{a['max_relative_difference']:.0e}; {mib(a['peak_bytes']['4'])} against "
+                     f"{mib(a['peak_bytes']['1'])}; {a['step_s']['4'] * 1000:.0f} against "
+                     f"{a['step_s']['1'] * 1000:.0f} ms |")  # fmt: skip
+    return "\n".join(lines) + (f"\n\n*Made by `uv run python experiments/efficiency.py` "
+                               f"({torch.get_num_threads()} threads, torch {torch.__version__}).*\n")  # fmt: skip
+
+
+def muon_everywhere_table(result: dict) -> str:
+    """Break it: the validation loss of the two Muon runs, step by step."""
+    lines = ["| step | Muon on the blocks' matrices, AdamW for the rest | Muon on every matrix |",
+             "| ---: | ---: | ---: |"]  # fmt: skip
+    for (step, proper), (_, everywhere) in zip(
+        result["muon"], result["muon-everywhere"], strict=True
+    ):
+        if step in (0, 10, 20, 50, 100, 150, 200):
+            lines.append(f"| {step} | {proper:.3f} | {everywhere:.3f} |")
+    return "\n".join(lines) + (f"\n\n*Made by `uv run python experiments/efficiency.py "
+                               f"muon-everywhere` (lr {result['lr']:g}).*\n")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"experiments to run (default: all): {', '.join(EXPERIMENTS)}")  # fmt: skip
+    args = parser.parse_args()
+    for name in args.names:
+        if name not in EXPERIMENTS:
+            parser.error(f"unknown experiment {name!r}; the experiments: {', '.join(EXPERIMENTS)}")
+    for name in args.names or EXPERIMENTS:
+        result = EXPERIMENTS[name]()
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        print(json.dumps(result, indent=1))
+    results = {p.stem: json.loads(p.read_text("utf-8")) for p in sorted(OUT.glob("*.json"))}
+    (OUT / "table.md").write_text(table(results), encoding="utf-8")
+    print(table(results))
+    if "muon-everywhere" in results:
+        (OUT / "muon-everywhere.md").write_text(
+            muon_everywhere_table(results["muon-everywhere"]), encoding="utf-8"
+        )
+
+
+if __name__ == "__main__":
+    main()
