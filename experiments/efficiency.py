@@ -5,8 +5,11 @@
 
 - ``muon``: Muon against AdamW, each with its learning rate tuned on the same grid, two seeds each:
   steps and seconds to reach the validation loss that every tuned AdamW run reaches.
-- ``bf16``: autocast to bfloat16 on the CPU against float32: tokens/s and the final loss.
+- ``bf16``: autocast to bfloat16 on the CPU against float32: the final loss, and tokens/s.
 - ``compile``: ``torch.compile`` against eager: the time the first step spends compiling, tokens/s.
+
+The speeds are measured in this process, the variants taking turns step by step (medians of 5), so
+that a shared machine slows them alike; the losses come from whole trainer runs.
 - ``checkpointing``: activation checkpointing: peak memory against time per step.
 - ``accumulation``: four micro-batches of 2 against one batch of 8: the same losses, at what cost.
 - ``muon-everywhere``: Break it: Muon on the embeddings and the head too.
@@ -31,25 +34,28 @@ from src import train as trainer
 from src.checkpoints import find_checkpoint
 from src.cli import read_jsonl
 from src.flops import PeakMemory, training_memory
-from src.model import GPTConfig, GPTModel
-from src.training import OPTIMIZERS, Muon, adamw, cross_entropy, optimizer_step
+from src.model import PRESETS, GPTConfig, GPTModel
+from src.training import OPTIMIZERS, Muon, adamw, autocast, cross_entropy, optimizer_step
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = REPO / "runs" / "efficiency"
 OUT = REPO / "docs" / "assets" / "efficiency"
-STEPS, BATCH, CONTEXT = trainer.DEFAULT_MAX_STEPS, 8, 256  # the default run
+STEPS, BATCH = trainer.DEFAULT_MAX_STEPS, 8  # the default run: 200 steps of 8 sequences
+PRESET = "cpu-small"  # the default run's model; --preset changes it for the trainer runs
+DEFAULT_TOKENS = BATCH * 256  # a step of the default run, in tokens
 LEARNING_RATES = (1e-3, 2e-3, 4e-3)  # the grid each optimizer is tuned on, widened at an edge
 
 
 def run(name: str, flags: list[str], steps: int = STEPS) -> list[dict]:
     """The metrics rows of the trainer run ``name``: the default run with ``flags``."""
-    out = RUNS / name
+    out = RUNS / PRESET / name
     rows = read_jsonl(out / "metrics.jsonl")
     if rows and rows[-1]["step"] == steps and "val_loss" in rows[-1]:
         return rows  # done before
     again = ["--resume"] if find_checkpoint(out) else ["--overwrite"] if out.exists() else []
     print(f"== {name}: python -m src.train {' '.join(flags)}", file=sys.stderr, flush=True)
-    code = trainer.main([*flags, "--max-steps", str(steps), "--out-dir", str(out), *again])
+    code = trainer.main(["--preset", PRESET, *flags, "--max-steps", str(steps), "--out-dir", str(out),
+                         *again])  # fmt: skip
     if code != 0:
         sys.exit(f"error: the run {name} failed (exit code {code})")
     return read_jsonl(out / "metrics.jsonl")
@@ -60,7 +66,11 @@ def final_loss(rows: list[dict]) -> float:
 
 
 def step_seconds(row: dict) -> float:
-    return BATCH * CONTEXT / row["tokens_per_sec"]
+    return tokens_per_step() / row["tokens_per_sec"]
+
+
+def tokens_per_step() -> int:
+    return BATCH * PRESETS[PRESET].context_length
 
 
 def to_target(rows: list[dict], target: float) -> tuple[float | None, float | None]:
@@ -151,55 +161,40 @@ def muon_everywhere_experiment() -> dict:
 
 
 def bf16() -> dict:
-    """bf16 autocast against float32: the default run with AdamW at its default rate."""
-    runs = {dtype: run(f"adamw-lr0.001-seed123{'' if dtype == 'fp32' else '-bf16'}",
-                       tuning_flags("adamw", 1e-3) + ["--dtype", dtype])
-            for dtype in ("fp32", "bf16")}  # fmt: skip
-    return {dtype: {"final": final_loss(rows), "mfu": statistics.median(r["mfu"] for r in rows[2:]),
-                    "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in rows[2:])}
-            for dtype, rows in runs.items()}  # fmt: skip
+    """bf16 autocast against float32: the final loss of the default run (AdamW at its default
+    rate), and the time of a step, the two taking turns."""
+    finals = {dtype: final_loss(run(f"adamw-lr0.001-seed123{'' if dtype == 'fp32' else '-bf16'}",
+                                    tuning_flags("adamw", 1e-3) + ["--dtype", dtype]))
+              for dtype in ("fp32", "bf16")}  # fmt: skip
+    (_, fp32_s), (_, bf16_s) = measure([training_step(), training_step(dtype="bf16")])
+    return {dtype: {"final": finals[dtype], "tokens_per_sec": DEFAULT_TOKENS / seconds}
+            for dtype, seconds in (("fp32", fp32_s), ("bf16", bf16_s))}  # fmt: skip
 
 
 def compile_experiment() -> dict:
-    """torch.compile against eager, 30 steps each: the first step compiles."""
-    result = {}
-    for mode, flags in (("eager", []), ("compile", ["--compile"])):
-        rows = run(f"{mode}-30", [*flags, "--eval-interval", "30"], steps=30)
-        steady = statistics.median(step_seconds(r) for r in rows[5:])
-        result[mode] = {"first_step_s": step_seconds(rows[1]), "step_s": steady,
-                        "compile_s": step_seconds(rows[1]) - steady,
-                        "tokens_per_sec": BATCH * CONTEXT / steady}  # fmt: skip
-    return result
+    """torch.compile against eager: the first compiled step compiles; then both take turns."""
+    (_, eager_s, _), (_, compiled_s, first_s) = measure(
+        [training_step(), training_step(compiled=True)], first=True
+    )
+    return {"compile_s": first_s - compiled_s,
+            "eager": {"step_s": eager_s, "tokens_per_sec": DEFAULT_TOKENS / eager_s},
+            "compile": {"step_s": compiled_s, "tokens_per_sec": DEFAULT_TOKENS / compiled_s}}  # fmt: skip
 
 
 def default_model() -> tuple[GPTConfig, torch.Tensor, torch.Tensor]:
-    """The default run's model shape (cpu-small, an 8,192-token vocabulary) and a batch of ids."""
+    """The default run's model (cpu-small, its 8,192-token vocabulary) and a batch of random ids:
+    what the speed and memory measurements in this process time, whatever ``--preset`` says."""
     cfg = GPTConfig.from_preset("cpu-small")
     generator = torch.Generator().manual_seed(0)
-    x, y = (torch.randint(0, cfg.vocab_size, (BATCH, CONTEXT), generator=generator) for _ in "xy")
+    shape = (BATCH, cfg.context_length)
+    x, y = (torch.randint(0, cfg.vocab_size, shape, generator=generator) for _ in "xy")
     return cfg, x, y
 
 
-def measure_steps(make_step, repeats: int = 5) -> list[tuple[int, float]]:
-    """(peak bytes above the weights and AdamW, seconds) of one step of each variant, after a
-    warm-up step; the variants take turns, so a busy machine slows them alike."""
-    steps = [make() for make in make_step]
-    for step in steps:
-        step()
-    times = [[] for _ in steps]
-    peaks = [0] * len(steps)
-    for _ in range(repeats):
-        for i, step in enumerate(steps):
-            with PeakMemory() as memory:
-                start = time.perf_counter()
-                step()
-                times[i].append(time.perf_counter() - start)
-            peaks[i] = memory.peak
-    return [(peak, statistics.median(t)) for peak, t in zip(peaks, times, strict=True)]
-
-
-def training_step(checkpointing: bool = False, micro: int = BATCH):
-    """A maker of one default training step: ``BATCH`` sequences in micro-batches of ``micro``."""
+def training_step(checkpointing: bool = False, micro: int = BATCH, dtype: str = "fp32",
+                  compiled: bool = False):  # fmt: skip
+    """A maker of one default training step (``BATCH`` sequences in micro-batches of ``micro``),
+    through the trainer's parts: checkpointed blocks, autocast, ``torch.compile``."""
 
     def make():
         cfg, x, y = default_model()
@@ -208,17 +203,51 @@ def training_step(checkpointing: bool = False, micro: int = BATCH):
         if checkpointing:
             trainer.checkpoint_blocks(model)
         optimizer = adamw(model, 1e-3, 0.1)
+        stepping = torch.compile(model) if compiled else model
+        amp = autocast(torch.device("cpu"), dtype)
         batches = [(x[i : i + micro], y[i : i + micro]) for i in range(0, BATCH, micro)]
-        return lambda: optimizer_step(model, optimizer, batches,
-                                      lambda xy: cross_entropy(model(xy[0]), xy[1]), 1)  # fmt: skip
+
+        def loss_fn(xy):
+            with amp:
+                return cross_entropy(stepping(xy[0]), xy[1])
+
+        return lambda: optimizer_step(stepping, optimizer, batches, loss_fn, 1)
 
     return make
+
+
+def measure(makers, repeats: int = 5, first: bool = False) -> list[tuple]:
+    """For each variant: (peak bytes allocated above the weights and AdamW's moments, median
+    seconds of a step), and with ``first`` the seconds of its first step. The variants take turns,
+    so a busy machine slows them alike; the peak is measured in a step of its own, since watching
+    every allocation slows a step down."""
+    steps, firsts = [make() for make in makers], []
+    for step in steps:
+        start = time.perf_counter()
+        step()  # warm-up: AdamW's moments, and for torch.compile the compilation
+        firsts.append(time.perf_counter() - start)
+    peaks = []
+    for step in steps:
+        with PeakMemory() as memory:
+            step()
+        peaks.append(memory.peak)
+    times = [[] for _ in steps]
+    for _ in range(repeats):
+        for i, step in enumerate(steps):
+            start = time.perf_counter()
+            step()
+            times[i].append(time.perf_counter() - start)
+    medians = [statistics.median(t) for t in times]
+    return [
+        (peak, m, f) if first else (peak, m)
+        for peak, m, f in zip(peaks, medians, firsts, strict=True)
+    ]
 
 
 def checkpointing() -> dict:
     """Peak memory and time per step, with and without activation checkpointing, beside the
     estimate of ``src.flops``."""
-    (plain, plain_s), (kept, kept_s) = measure_steps([training_step(), training_step(True)])
+    (plain, plain_s), (kept, kept_s) = measure([training_step(), training_step(True)])
     cfg, _, _ = default_model()
     held = training_memory(cfg, BATCH).weights + training_memory(cfg, BATCH).optimizer
     return {name: {"peak_bytes": held + peak, "step_s": seconds,
@@ -233,7 +262,7 @@ def accumulation() -> dict:
     rows = {n: run(f"accum-{n}", ["--grad-accum", str(n), "--eval-interval", "20"], steps=20)
             for n in (1, 4)}  # fmt: skip
     losses = [[r["train_loss"] for r in rows[n][1:]] for n in (1, 4)]
-    (one, one_s), (four, four_s) = measure_steps([training_step(), training_step(micro=2)])
+    (one, one_s), (four, four_s) = measure([training_step(), training_step(micro=2)])
     cfg, _, _ = default_model()
     held = training_memory(cfg, BATCH).weights + training_memory(cfg, BATCH).optimizer
     return {"max_relative_difference": max(abs(a - b) / a for a, b in zip(*losses, strict=True)),
@@ -250,53 +279,67 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
+def muon_row(m: dict) -> str:
+    def reach(entry):
+        steps = [s for s, _ in entry["to_target"].values()]
+        seconds = [t for _, t in entry["to_target"].values()]
+        if None in steps:
+            return "not reached by every seed"
+        return f"{statistics.mean(steps):.0f} steps, {statistics.mean(seconds):.0f} s"
+
+    final = {o: statistics.mean(m[o]["final"].values()) for o in ("muon", "adamw")}
+    return (f"| Muon (lr {m['muon']['lr']:g}) | AdamW (lr {m['adamw']['lr']:g}), both tuned, 2 seeds "
+            f"each | steps and training time to val loss {m['target']:.3f} | {reach(m['muon'])} "
+            f"against {reach(m['adamw'])}; final {final['muon']:.3f} against {final['adamw']:.3f} |")  # fmt: skip
+
+
+def bf16_row(b: dict) -> str:
+    speed = {dtype: b[dtype]["tokens_per_sec"] for dtype in ("bf16", "fp32")}
+    return (f"| bf16 autocast (CPU) | fp32 | tokens/s; final val loss | {speed['bf16']:,.0f} against "
+            f"{speed['fp32']:,.0f} tokens/s ({speed['bf16'] / speed['fp32']:.2f}x); "
+            f"{b['bf16']['final']:.3f} against {b['fp32']['final']:.3f} |")  # fmt: skip
+
+
+def compile_row(c: dict) -> str:
+    speed = {mode: c[mode]["tokens_per_sec"] for mode in ("compile", "eager")}
+    return (f"| `torch.compile` | eager | compile time; tokens/s | {c['compile_s']:.0f} s to compile; "
+            f"{speed['compile']:,.0f} against {speed['eager']:,.0f} tokens/s "
+            f"({speed['compile'] / speed['eager']:.2f}x) |")  # fmt: skip
+
+
+def checkpointing_row(k: dict) -> str:
+    peak = {name: mib(k[name]["peak_bytes"]) for name in ("checkpointing", "plain")}
+    ms = {name: k[name]["step_s"] * 1000 for name in ("checkpointing", "plain")}
+    return (f"| activation checkpointing | none | peak memory; time per step | {peak['checkpointing']} "
+            f"against {peak['plain']}; {ms['checkpointing']:.0f} against {ms['plain']:.0f} ms "
+            f"({ms['checkpointing'] / ms['plain']:.2f}x) |")  # fmt: skip
+
+
+def accumulation_row(a: dict) -> str:
+    return (f"| gradient accumulation, 4 x 2 sequences | one batch of 8 | losses of 20 steps; peak "
+            f"memory; time per step | the same losses to a relative {a['max_relative_difference']:.0e}; "
+            f"{mib(a['peak_bytes']['4'])} against {mib(a['peak_bytes']['1'])}; "
+            f"{a['step_s']['4'] * 1000:.0f} against {a['step_s']['1'] * 1000:.0f} ms |")  # fmt: skip
+
+
+ROWS = {"muon": muon_row, "bf16": bf16_row, "compile": compile_row,
+        "checkpointing": checkpointing_row, "accumulation": accumulation_row}  # fmt: skip
+
+
 def table(results: dict) -> str:
-    """The chapter's table: one row per technique, from whichever results exist."""
+    """The chapter's table: one row per technique, from whichever results exist, and the
+    commands that made them."""
     lines = ["| technique | against | measured | result |", "| --- | --- | --- | --- |"]
-    if "muon" in results:
-        m = results["muon"]
-
-        def reach(entry):
-            steps = [s for s, _ in entry["to_target"].values()]
-            seconds = [t for _, t in entry["to_target"].values()]
-            if None in steps:
-                return "not reached by every seed"
-            return f"{statistics.mean(steps):.0f} steps, {statistics.mean(seconds):.0f} s"
-
-        lines.append(
-            f"| Muon (lr {m['muon']['lr']:g}) | AdamW (lr {m['adamw']['lr']:g}), both tuned, 2 "
-            f"seeds each | steps and training time to val loss {m['target']:.3f} | "
-            f"{reach(m['muon'])} against {reach(m['adamw'])}; final "
-            f"{statistics.mean(m['muon']['final'].values()):.3f} against "
-            f"{statistics.mean(m['adamw']['final'].values()):.3f} |"
-        )
-    if "bf16" in results:
-        b = results["bf16"]
-        lines.append(f"| bf16 autocast (CPU) | fp32 | tokens/s; final val loss | "
-                     f"{b['bf16']['tokens_per_sec']:,.0f} against {b['fp32']['tokens_per_sec']:,.0f} "
-                     f"tokens/s ({b['bf16']['tokens_per_sec'] / b['fp32']['tokens_per_sec']:.2f}x); "
-                     f"{b['bf16']['final']:.3f} against {b['fp32']['final']:.3f} |")  # fmt: skip
-    if "compile" in results:
-        c = results["compile"]
-        lines.append(f"| `torch.compile` | eager | compile time; tokens/s | "
-                     f"{c['compile']['compile_s']:.0f} s to compile; "
-                     f"{c['compile']['tokens_per_sec']:,.0f} against {c['eager']['tokens_per_sec']:,.0f} "
-                     f"tokens/s ({c['compile']['tokens_per_sec'] / c['eager']['tokens_per_sec']:.2f}x) |")  # fmt: skip
-    if "checkpointing" in results:
-        k = results["checkpointing"]
-        lines.append(f"| activation checkpointing | none | peak memory; time per step | "
-                     f"{mib(k['checkpointing']['peak_bytes'])} against {mib(k['plain']['peak_bytes'])}; "
-                     f"{k['checkpointing']['step_s'] * 1000:.0f} against {k['plain']['step_s'] * 1000:.0f} "
-                     f"ms ({k['checkpointing']['step_s'] / k['plain']['step_s']:.2f}x) |")  # fmt: skip
-    if "accumulation" in results:
-        a = results["accumulation"]
-        lines.append(f"| gradient accumulation, 4 x 2 sequences | one batch of 8 | losses of 20 "
-                     f"steps; peak memory; time per step | losses equal to a relative "
-                     f"{a['max_relative_difference']:.0e}; {mib(a['peak_bytes']['4'])} against "
-                     f"{mib(a['peak_bytes']['1'])}; {a['step_s']['4'] * 1000:.0f} against "
-                     f"{a['step_s']['1'] * 1000:.0f} ms |")  # fmt: skip
-    return "\n".join(lines) + (f"\n\n*Made by `uv run python experiments/efficiency.py` "
-                               f"({torch.get_num_threads()} threads, torch {torch.__version__}).*\n")  # fmt: skip
+    lines += [row(results[name]) for name, row in ROWS.items() if name in results]
+    by_preset = {}
+    for name in ROWS:
+        if name in results:
+            by_preset.setdefault(results[name].get("preset", "cpu-small"), []).append(name)
+    commands = ", ".join(f"`uv run python experiments/efficiency.py"
+                         f"{'' if preset == 'cpu-small' else ' --preset ' + preset} {' '.join(names)}`"
+                         for preset, names in by_preset.items())  # fmt: skip
+    return "\n".join(lines) + (f"\n\n*Made by {commands} ({torch.get_num_threads()} thread, torch "
+                               f"{torch.__version__}).*\n")  # fmt: skip
 
 
 def muon_everywhere_table(result: dict) -> str:
@@ -308,20 +351,30 @@ def muon_everywhere_table(result: dict) -> str:
     ):
         if step in (0, 10, 20, 50, 100, 150, 200):
             lines.append(f"| {step} | {proper:.3f} | {everywhere:.3f} |")
-    return "\n".join(lines) + (f"\n\n*Made by `uv run python experiments/efficiency.py "
+    preset = (
+        "" if result.get("preset", "cpu-small") == "cpu-small" else f" --preset {result['preset']}"
+    )
+    return "\n".join(lines) + (f"\n\n*Made by `uv run python experiments/efficiency.py{preset} "
                                f"muon-everywhere` (lr {result['lr']:g}).*\n")  # fmt: skip
 
 
 def main() -> None:
+    global PRESET  # every experiment reads it
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"experiments to run (default: all): {', '.join(EXPERIMENTS)}")  # fmt: skip
+    parser.add_argument("--preset", default=PRESET, choices=list(PRESETS),
+                        help="the model of every run (cpu-small: the default run's)")  # fmt: skip
     args = parser.parse_args()
+    PRESET = args.preset
+    # One thread: on a shared machine a second thread mostly waits for a core, and the table
+    # compares the techniques with each other, on the same thread.
+    torch.set_num_threads(1)
     for name in args.names:
         if name not in EXPERIMENTS:
             parser.error(f"unknown experiment {name!r}; the experiments: {', '.join(EXPERIMENTS)}")
     for name in args.names or EXPERIMENTS:
-        result = EXPERIMENTS[name]()
+        result = EXPERIMENTS[name]() | {"preset": PRESET}
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         print(json.dumps(result, indent=1))

@@ -11,8 +11,8 @@ models of several sizes N, each trained on exactly the D tokens that spend C,
 - **A parametric law** (approach 3): L(N, D) = E + A / N^alpha + B / D^beta fitted to every run,
   with a Huber loss on log L. Minimising it at fixed C = 6 N D gives a = beta / (alpha + beta).
 
-    uv run python experiments/scaling.py           # the full lab: 4 budgets, 26 runs
-    uv run python experiments/scaling.py --quick   # 3 budgets, 15 runs
+    uv run python experiments/scaling.py           # the full lab: 3 budgets, 18 runs
+    uv run python experiments/scaling.py --quick   # 3 budgets, 12 runs
 
 The corpus is the standard library's source and tests (``--data python-stdlib``), 15 million
 tokens, so that no run sees a token twice. The models are one family with one dial (the depth, as in
@@ -76,8 +76,8 @@ class Design:
     seed: int = 123
 
 
-QUICK = Design(budgets=(1e11, 2e11, 5e11), depths=tuple(range(1, 9)))
-FULL = Design(budgets=(1e11, 3e11, 1e12, 3e12), depths=tuple(range(1, 11)), sizes_per_budget=7)
+QUICK = Design(budgets=(3e11, 6e11, 1.2e12), depths=tuple(range(1, 9)), sizes_per_budget=4)
+FULL = Design(budgets=(3e11, 1e12, 3e12), depths=tuple(range(1, 11)), sizes_per_budget=6)
 
 
 def model_config(depth: int, design: Design) -> GPTConfig:
@@ -167,7 +167,7 @@ def run_key(run: dict, design: Design, corpus_fingerprint: str) -> str:
     inputs = json.dumps([run, asdict(design) | {"budgets": None, "depths": None,
                                                "sizes_per_budget": None}, corpus_fingerprint],
                         sort_keys=True)  # fmt: skip
-    return f"C{run['budget']:.0e}-depth{run['depth']}-{hashlib.sha256(inputs.encode()).hexdigest()[:10]}"
+    return f"C{run['budget']:.2g}-depth{run['depth']}-{hashlib.sha256(inputs.encode()).hexdigest()[:10]}"
 
 
 def lab_data(design: Design):
@@ -195,7 +195,7 @@ def run_grid(design: Design, out: Path, jobs: int, change: dict | None = None) -
     for path, result in trained(todo, design, tokens.filename, jobs):
         write_atomically(path, json.dumps(result, indent=1))
         done[path] = result
-        print(f"[{len(done)}/{len(runs)}] C {result['budget']:.0e}, depth {result['depth']}: "
+        print(f"[{len(done)}/{len(runs)}] C {result['budget']:.2g}, depth {result['depth']}: "
               f"N {result['N']:,}, D {result['D']:,}, {result['seconds']:.0f} s, val loss "
               f"{result['val_loss']:.3f}", file=sys.stderr)  # fmt: skip
     return sorted(done.values(), key=lambda r: (r["budget"], r["N"]))
@@ -351,7 +351,7 @@ def plot(result: dict, path: Path) -> None:
     for budget in budgets:
         group = sorted((r for r in runs if r["budget"] == budget), key=lambda r: r["N"])
         left.plot([r["N"] for r in group], [r["val_loss"] for r in group], "o", color=colors[budget],
-                  label=f"C = {budget:.0e} FLOPs")  # fmt: skip
+                  label=f"C = {budget:.2g} FLOPs")  # fmt: skip
         minimum = [m for m in minima if m["budget"] == budget]
         if minimum:  # the parabola the minimum came from, over the runs it was fitted to
             low = int(np.argmin([r["val_loss"] for r in group]))
@@ -417,12 +417,12 @@ def book_table(result: dict, command: str) -> str:
                               f"{minutes:.0f} minutes of training on one core each).*\n")  # fmt: skip
 
 
-def too_little_data(design: Design, out: Path, jobs: int, distinct: int = 16_384) -> str:
-    """Break it: the largest budget's runs again, each on only ``distinct`` training tokens, seen
+def too_little_data(design: Design, out: Path, jobs: int, distinct: int = 8_192) -> str:
+    """Break it: the smallest budget's runs again, each on only ``distinct`` training tokens, seen
     over and over; beside the lab's runs, which never see a token twice."""
-    largest = replace(design, budgets=(max(design.budgets),))
-    fresh = run_grid(largest, out, jobs)
-    starved = run_grid(largest, out, jobs, change={"distinct_tokens": distinct})
+    smallest = replace(design, budgets=(min(design.budgets),))
+    fresh = run_grid(smallest, out, jobs)
+    starved = run_grid(smallest, out, jobs, change={"distinct_tokens": distinct})
     lines = [f"| depth | N | D (tokens seen) | epochs over {distinct:,} tokens | val loss, fresh data "
              "| val loss, repeated | training loss, repeated | gap (val - training) |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
@@ -441,7 +441,7 @@ def main() -> None:
     a("--jobs", type=int, default=min(2, multiprocessing.cpu_count()),
       help="runs trained at once, one thread each")  # fmt: skip
     a("--book", action="store_true", help=f"also write the book's figure and tables to {BOOK}")
-    a("--break-it", action="store_true", help="train the largest budget's models on 16,384 "
+    a("--break-it", action="store_true", help="train the smallest budget's models on 8,192 "
       "tokens, repeated, beside the lab's: the overfitting signature")  # fmt: skip
     args = parser.parse_args()
     design = QUICK if args.quick else FULL
@@ -459,10 +459,11 @@ def main() -> None:
     result = analyse(run_grid(design, out, args.jobs))
     write_atomically(out / "scaling.json", json.dumps(result, indent=1))
     plot(result, out / "scaling.png")
-    fit = result["fit"]
+    fit, a, b = result["fit"], result["a"], result["b"]
+    exponents = f"N_opt ~ C^{a:.2f}, D_opt ~ C^{b:.2f}" if a is not None else "too few minima"
     print(f"L(N, D) = {fit['E']:.2f} + {fit['A']:.3g} / N^{fit['alpha']:.2f} + {fit['B']:.3g} / "
-          f"D^{fit['beta']:.2f}; N_opt ~ C^{result['a']:.2f}, D_opt ~ C^{result['b']:.2f}; "
-          f"{(time.perf_counter() - start) / 60:.1f} min; results in {out}")  # fmt: skip
+          f"D^{fit['beta']:.2f}; {exponents}; {(time.perf_counter() - start) / 60:.1f} min; "
+          f"results in {out}")  # fmt: skip
     if args.book:
         write_atomically(BOOK / f"{name}.md", book_table(result, command))
         plot(result, BOOK / f"{name}.png")

@@ -28,6 +28,7 @@ from src.checkpoints import (
 from src.cli import read_jsonl
 from src.data import GPTDataset
 from src.errors import NonFiniteLossError, UserError
+from src.flops import peak_matmul_flops, training_flops_per_token
 from src.model import GPTConfig, GPTModel
 from src.training import (
     Schedule,
@@ -312,7 +313,11 @@ def test_cli_end_to_end(tmp_path, corpus, capsys, private_cache):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0  # it learns
     assert evals[-1]["val_perplexity"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
     assert all(r["tokens_per_sec"] > 0 and r["lr"] > 0 for r in rows[1:])
-    assert all(0 < r["mfu"] < 1 for r in rows[1:])  # of the measured peak: a fraction
+    # MFU: the model's FLOPs at the step's speed over the peak measured (and cached) for this run.
+    peak = peak_matmul_flops(torch.device("cpu"), torch.float32)
+    cfg = load_model(out, torch.device("cpu"))[0].cfg
+    for r in rows[1:]:
+        assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * training_flops_per_token(cfg) / peak)
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "samples.txt").read_text().count("--- step") == 4
     model, tokenizer, meta = load_model(out, torch.device("cpu"))
