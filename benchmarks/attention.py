@@ -29,18 +29,20 @@ import ctypes
 import json
 import math
 import re
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.harness import markdown_table, median_times
 from src import fused_softmax
 from src.attention import causal_softmax
+from src.cli import Parser, positive_int, run_command
+from src.errors import UserError
+from src.files import write_atomically
 
 HEAD_DIM = 64
 # B*H*T*T, kept for every T: GPT-2 small's 12 heads at T=1024, times a batch of 8 on a GPU, where a
@@ -93,24 +95,10 @@ def peak_memory(fn, device: str) -> int:
 
 def measure(candidates: dict, repeats: int, device: str) -> dict[str, float]:
     """Median milliseconds per candidate, calls interleaved so a busy neighbour hits all alike."""
-    times = {name: [] for name in candidates}
-    for rep in range(repeats + 2):  # the first two rounds warm up
-        for name, fn in candidates.items():
-            if device == "cuda":  # events on the GPU's own clock: the kernels, not Python's waiting
-                torch.cuda.synchronize()
-                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                ms = start.elapsed_time(end)
-            else:
-                start = time.perf_counter()
-                fn()
-                ms = (time.perf_counter() - start) * 1e3
-            if rep >= 2:
-                times[name].append(ms)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {
+        name: 1e3 * seconds
+        for name, seconds in median_times(candidates, repeats, device=device).items()
+    }
 
 
 # --8<-- [start:candidates]
@@ -198,56 +186,52 @@ def softmax_bytes(T: int, dtype, device: str) -> dict[str, int]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: T=128,256, fp32, 1 thread, 2 repeats, output to a temp dir",
-    )
-    parser.add_argument(
-        "--threads", default="1,2", help="CPU thread counts to run, comma-separated (default: 1,2)"
-    )
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=7,
-        help="timed calls per candidate and shape, after 2 warm-up calls (default: 7)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help=f"output path prefix for .json/.png/.md (default: {OUT.relative_to(OUT.parents[2])}, "
-        "or a temp dir with --quick)",
-    )
-    parser.add_argument(
-        "--from-json",
-        type=Path,
-        metavar="JSON",
-        help="measure nothing: write the .md and .png of a finished run from its JSON, beside it "
-        "(or at --out)",
-    )
-    args = parser.parse_args()
-    if args.from_json:
-        redraw(args.from_json, args.out or args.from_json.with_suffix(""))
-        return
+def thread_counts(text: str) -> list[int]:
+    """``--threads 1,2``: comma-separated positive integers."""
     try:
-        threads = [int(t) for t in args.threads.split(",")]
+        counts = [int(t) for t in text.split(",")]
     except ValueError:
-        parser.error(f"--threads must be comma-separated integers, got {args.threads!r}")
-    if args.repeats < 1 or min(threads) < 1:
-        parser.error("--repeats and --threads must be positive")
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be positive integers, comma-separated, got {text!r}"
+        )
+    return counts
+
+
+def parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: T=128,256, fp32, 1 thread, 2 repeats, output to a temp dir")  # fmt: skip
+    p.add_argument("--threads", type=thread_counts, default=[1, 2],
+                   help="CPU thread counts to run, comma-separated (default: 1,2)")  # fmt: skip
+    p.add_argument("--repeats", type=positive_int, default=7,
+                   help="timed calls per candidate and shape, after 2 warm-up calls")  # fmt: skip
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output path prefix for .json/.png/.md (default: "
+                   f"{OUT.relative_to(OUT.parents[2])}, or a temp dir with --quick)")  # fmt: skip
+    p.add_argument("--from-json", type=Path, metavar="JSON",
+                   help="measure nothing: write the .md and .png of a finished run from its JSON, "
+                   "beside it (or at --out)")  # fmt: skip
+    return p
+
+
+def run(args) -> None:
+    if args.from_json:
+        return redraw(args.from_json, args.out or args.from_json.with_suffix(""))
     if not sys.platform.startswith("linux"):
-        parser.error("the memory measurements read /proc and call glibc's mallopt: Linux only")
+        raise UserError("the memory measurements read /proc and call glibc's mallopt: Linux only")
     try:
         fused_softmax.ensure_available()
     except RuntimeError as err:
-        sys.exit(f"error: {err}")
+        raise UserError(str(err)) from None
 
-    Ts, dtypes, repeats = [128, 256, 512, 1024, 2048], [torch.float32, torch.bfloat16], args.repeats
+    Ts, dtypes, threads, repeats = (
+        [128, 256, 512, 1024, 2048],
+        [torch.float32, torch.bfloat16],
+        args.threads,
+        args.repeats,
+    )
     if args.quick:
         Ts, dtypes, threads, repeats = [128, 256], [torch.float32], [1], 2
     out = args.out or (
@@ -267,68 +251,11 @@ def main() -> None:
         "memory": [],
         "rows": [],
     }
-
-    # Phase 1, fresh pages: the page-fault cost, and peak memory (with every free returned to the OS).
+    # Phase 1, fresh pages: peak memory (with every free returned to the OS), and the page faults.
     fresh_pages()
     torch.set_num_threads(threads[0])
-    for dtype in dtypes:
-        step, core = softmax_step(T_ref, dtype, "cpu"), attention_core(T_ref, dtype, "cpu")
-        for name in ("plain fwd+bwd", "fused fwd+bwd"):
-            report["memory"].append(
-                {
-                    "part": "softmax",
-                    "dtype": str(dtype)[6:],
-                    "T": T_ref,
-                    "device": "cpu",
-                    "path": name.split()[0],
-                    "bytes": peak_memory(step[name], "cpu"),
-                }
-            )
-        for name in ("plain fwd+bwd", "fused fwd+bwd", "sdpa fwd+bwd"):
-            report["memory"].append(
-                {
-                    "part": "attention",
-                    "dtype": str(dtype)[6:],
-                    "T": T_ref,
-                    "device": "cpu",
-                    "path": name.split()[0],
-                    "bytes": peak_memory(core[name], "cpu"),
-                }
-            )
-    step = softmax_step(T_ref, torch.float32, "cpu")
-    fresh = measure({k: step[k] for k in ("plain fwd", "fused fwd")}, repeats, "cpu")
-    reuse_pages()
-    reused = measure({k: step[k] for k in ("plain fwd", "fused fwd")}, repeats, "cpu")
-    for name in fresh:
-        report["page_faults"].append(
-            {
-                "T": T_ref,
-                "threads": threads[0],
-                "path": name,
-                "fresh_ms": fresh[name],
-                "reused_ms": reused[name],
-            }
-        )
-    print(
-        f"page faults, fp32 T={T_ref}, {threads[0]} thread(s): "
-        + ", ".join(f"{k} {fresh[k]:.1f} ms fresh vs {reused[k]:.1f} ms reused" for k in fresh)
-    )
-    if "cuda" in devices:
-        for dtype in dtypes:
-            step, core = softmax_step(T_ref, dtype, "cuda"), attention_core(T_ref, dtype, "cuda")
-            for part, cands in (("softmax", step), ("attention", core)):
-                for name in [n for n in cands if n.endswith("fwd+bwd")]:
-                    report["memory"].append(
-                        {
-                            "part": part,
-                            "dtype": str(dtype)[6:],
-                            "T": T_ref,
-                            "device": "cuda",
-                            "path": name.split()[0],
-                            "bytes": peak_memory(cands[name], "cuda"),
-                        }
-                    )
-
+    report["memory"] = [m for device in devices for m in peak_memories(T_ref, dtypes, device)]
+    report["page_faults"] = page_faults(T_ref, threads[0], repeats)  # ends in reuse_pages()
     # Phase 2, reused pages: the timings.
     runs = [("cpu", t) for t in threads] + [("cuda", None) for _ in devices[1:]]
     for device, nthreads in runs:
@@ -336,48 +263,63 @@ def main() -> None:
             torch.set_num_threads(nthreads)
         for dtype in dtypes:
             for T in Ts:
-                for part, make in (("softmax", softmax_step), ("attention", attention_core)):
-                    ms = measure(make(T, dtype, device), repeats, device)
-                    row = {
-                        "part": part,
-                        "device": device,
-                        "threads": nthreads,
-                        "dtype": str(dtype)[6:],
-                        "T": T,
-                        "BH": SCORE_ELEMENTS[device] // (T * T),
-                        "ms": ms,
-                    }
-                    if part == "softmax":
-                        nbytes = softmax_bytes(T, dtype, device)
-                        row["GBps"] = {
-                            "copy": nbytes["copy"] / ms["copy"] / 1e6,
-                            "fused fwd": nbytes["fwd"] / ms["fused fwd"] / 1e6,
-                            "fused bwd": nbytes["bwd"] / ms["fused bwd"] / 1e6,
-                        }
-                    report["rows"].append(row)
-                    print(format_row(row), flush=True)
-                    out.with_suffix(".json").write_text(
-                        json.dumps(report, indent=1)
+                for part in ("softmax", "attention"):
+                    report["rows"].append(timed_row(part, T, dtype, device, nthreads, repeats))
+                    print(format_row(report["rows"][-1]), flush=True)
+                    write_atomically(
+                        out.with_suffix(".json"), json.dumps(report, indent=1)
                     )  # kept if interrupted
 
     report["targets"] = targets(report)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    write_atomically(out.with_suffix(".json"), json.dumps(report, indent=1))
     markdown = to_markdown(report, threads)
-    out.with_suffix(".md").write_text(markdown)
+    write_atomically(out.with_suffix(".md"), markdown)
     plot(report, out.with_suffix(".png"))
     print("\n" + markdown)
     print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
 
 
-def redraw(json_path: Path, out: Path) -> None:
-    """The tables and the plot of a finished run, from its JSON alone."""
-    report = json.loads(json_path.read_text())
-    threads = list(dict.fromkeys(r["threads"] for r in report["rows"] if r["device"] == "cpu"))
-    report["targets"] = targets(report)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(to_markdown(report, threads))
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.png')} from {json_path}")
+def peak_memories(T: int, dtypes: list, device: str) -> list[dict]:
+    """Peak memory of one forward+backward of each path, for each dtype, at context ``T``."""
+    found = []
+    for dtype in dtypes:
+        step, core = softmax_step(T, dtype, device), attention_core(T, dtype, device)
+        for part, candidates in (("softmax", step), ("attention", core)):
+            for name in [n for n in candidates if n.endswith("fwd+bwd")]:
+                found.append({"part": part, "dtype": str(dtype)[6:], "T": T, "device": device,
+                              "path": name.split()[0],
+                              "bytes": peak_memory(candidates[name], device)})  # fmt: skip
+    return found
+
+
+def page_faults(T: int, threads: int, repeats: int) -> list[dict]:
+    """The softmax forward timed into fresh pages, then, after ``reuse_pages()``, into reused ones."""
+    step = softmax_step(T, torch.float32, "cpu")
+    forward = {k: step[k] for k in ("plain fwd", "fused fwd")}
+    fresh = measure(forward, repeats, "cpu")
+    reuse_pages()
+    reused = measure(forward, repeats, "cpu")
+    print(f"page faults, fp32 T={T}, {threads} thread(s): "
+          + ", ".join(f"{k} {fresh[k]:.1f} ms fresh vs {reused[k]:.1f} ms reused" for k in fresh))  # fmt: skip
+    return [{"T": T, "threads": threads, "path": name, "fresh_ms": fresh[name],
+             "reused_ms": reused[name]} for name in fresh]  # fmt: skip
+
+
+def timed_row(part: str, T: int, dtype, device: str, threads: int | None, repeats: int) -> dict:
+    """One row of the report: every candidate of ``part`` at one shape, median ms each."""
+    ms = measure(
+        (softmax_step if part == "softmax" else attention_core)(T, dtype, device), repeats, device
+    )
+    row = {"part": part, "device": device, "threads": threads, "dtype": str(dtype)[6:], "T": T,
+           "BH": SCORE_ELEMENTS[device] // (T * T), "ms": ms}  # fmt: skip
+    if part == "softmax":
+        nbytes = softmax_bytes(T, dtype, device)
+        row["GBps"] = {
+            "copy": nbytes["copy"] / ms["copy"] / 1e6,
+            "fused fwd": nbytes["fwd"] / ms["fused fwd"] / 1e6,
+            "fused bwd": nbytes["bwd"] / ms["fused bwd"] / 1e6,
+        }
+    return row
 
 
 def format_row(row: dict) -> str:
@@ -460,74 +402,67 @@ def _where(r: dict) -> str:
     return f"{r['device']} {r['threads']}t" if r["threads"] else r["device"]
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
-    ]
-
-
 def to_markdown(report: dict, threads: list[int]) -> str:
     """The run as Markdown tables, none wider than ten columns so that each fits the page."""
     softmax = [r for r in report["rows"] if r["part"] == "softmax"]
     attention = [r for r in report["rows"] if r["part"] == "attention"]
-    lines = ["**Softmax step** (B*H, T, T), median ms", ""]
-    lines += _table(
+    sections = ["**Softmax step** (B*H, T, T), median ms", markdown_table(
         ["device", "dtype", "T", "B*H", "plain fwd", "fused fwd", "speed-up", "plain fwd+bwd",
          "fused fwd+bwd", "speed-up"],
         [[_where(r), r["dtype"], r["T"], r["BH"], f"{r['ms']['plain fwd']:.2f}",
           f"{r['ms']['fused fwd']:.2f}", f"{r['ms']['plain fwd'] / r['ms']['fused fwd']:.1f}x",
           f"{r['ms']['plain fwd+bwd']:.2f}", f"{r['ms']['fused fwd+bwd']:.2f}",
-          f"{r['ms']['plain fwd+bwd'] / r['ms']['fused fwd+bwd']:.1f}x"] for r in softmax],
-    )  # fmt: skip
-    lines += ["", "**Softmax step**, the fused path's effective bandwidth against a copy of the "
-              "same size", ""]  # fmt: skip
-    lines += _table(
+          f"{r['ms']['plain fwd+bwd'] / r['ms']['fused fwd+bwd']:.1f}x"] for r in softmax])]  # fmt: skip
+    sections += ["**Softmax step**, the fused path's effective bandwidth against a copy of the same "
+                 "size", markdown_table(
         ["device", "dtype", "T", "fused fwd GB/s", "fused bwd GB/s", "copy GB/s", "fwd / copy",
          "bwd / copy"],
         [[_where(r), r["dtype"], r["T"], f"{r['GBps']['fused fwd']:.1f}",
           f"{r['GBps']['fused bwd']:.1f}", f"{r['GBps']['copy']:.1f}",
           f"{r['GBps']['fused fwd'] / r['GBps']['copy']:.0%}",
-          f"{r['GBps']['fused bwd'] / r['GBps']['copy']:.0%}"] for r in softmax],
-    )  # fmt: skip
+          f"{r['GBps']['fused bwd'] / r['GBps']['copy']:.0%}"] for r in softmax])]  # fmt: skip
     for step, title in (("fwd", "forward"), ("fwd+bwd", "forward+backward")):
-        lines += ["", f"**Attention core** softmax(mask(q k^T / 8)) v, head dim {HEAD_DIM}, "
-                  f"{title}, median ms", ""]  # fmt: skip
-        lines += _table(
+        sections += [f"**Attention core** softmax(mask(q k^T / 8)) v, head dim {HEAD_DIM}, "
+                     f"{title}, median ms", markdown_table(
             ["device", "dtype", "T", "B*H", "plain", "fused", "sdpa", "plain / fused",
              "sdpa / fused"],
             [[_where(r), r["dtype"], r["T"], r["BH"], *(f"{r['ms'][f'{p} {step}']:.1f}"
               for p in ("plain", "fused", "sdpa")),
               f"{r['ms'][f'plain {step}'] / r['ms'][f'fused {step}']:.2f}x",
-              f"{r['ms'][f'sdpa {step}'] / r['ms'][f'fused {step}']:.2f}x"] for r in attention],
-        )  # fmt: skip
+              f"{r['ms'][f'sdpa {step}'] / r['ms'][f'fused {step}']:.2f}x"] for r in attention])]  # fmt: skip
     groups = {}
     for m in report["memory"]:
         key = (m["part"], m["device"], m["dtype"], m["T"])
         groups.setdefault(key, {})[m["path"]] = m["bytes"] / 2**20
     n = threads[0]
-    lines += ["", f"**Peak memory** of one forward+backward, MiB (the CPU at {n} "
-              f"thread{'s' if n != 1 else ''})", ""]  # fmt: skip
-    lines += _table(
+    sections += [f"**Peak memory** of one forward+backward, MiB (the CPU at {n} "
+                 f"thread{'s' if n != 1 else ''})", markdown_table(
         ["part", "device", "dtype", "T", "plain", "fused", "sdpa"],
         [[*key, *(f"{paths[p]:.0f}" if p in paths else "-" for p in ("plain", "fused", "sdpa"))]
-         for key, paths in groups.items()],
-    )  # fmt: skip
-    lines += ["", "**Page faults**: the same forward into fresh memory on every call vs memory "
-              "reused", ""]  # fmt: skip
-    lines += _table(
+         for key, paths in groups.items()])]  # fmt: skip
+    sections += ["**Page faults**: the same forward into fresh memory on every call vs memory "
+                 "reused", markdown_table(
         ["path", "T", "threads", "fresh pages ms", "reused ms"],
         [[p["path"], p["T"], p["threads"], f"{p['fresh_ms']:.2f}", f"{p['reused_ms']:.2f}"]
-         for p in report["page_faults"]],
-    )  # fmt: skip
-    lines += ["", "**Targets**", ""]
-    lines += _table(
+         for p in report["page_faults"]])]  # fmt: skip
+    sections += ["**Targets**", markdown_table(
         ["target", "measured", "goal", "met"],
         [[t["target"], f"{t['value']:.2f}", t["goal"], "yes" if t["met"] else "no"]
-         for t in report["targets"]],
-    )  # fmt: skip
-    return "\n".join(lines) + "\n"
+         for t in report["targets"]])]  # fmt: skip
+    return "\n\n".join(sections) + "\n"
+
+
+def redraw(json_path: Path, out: Path) -> None:
+    """The tables and the plot of a finished run, from its JSON alone."""
+    try:
+        report = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read a benchmark run from {json_path}: {err}") from None
+    threads = list(dict.fromkeys(r["threads"] for r in report["rows"] if r["device"] == "cpu"))
+    report["targets"] = targets(report)
+    write_atomically(out.with_suffix(".md"), to_markdown(report, threads))
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.png')} from {json_path}")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -582,6 +517,6 @@ def plot(report: dict, path: Path) -> None:
 
 if __name__ == "__main__":
     try:
-        main()
+        sys.exit(run_command(parser(), run, sys.argv[1:]))
     except KeyboardInterrupt:
         sys.exit("interrupted: the rows measured so far are in the .json file")

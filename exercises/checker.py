@@ -83,10 +83,12 @@ def difference(expected, got, atol: float, rtol: float) -> str | None:
         if not torch.equal(torch.isinf(e) & (e < 0), torch.isinf(g) & (g < 0)):
             return "the -inf entries are not where they should be"
         finite = torch.isfinite(e)
+        if not torch.isfinite(g[finite]).all():
+            return "got NaN or inf where a number was expected"
         gap = (e[finite] - g[finite]).abs()
         worst = gap.max().item() if gap.numel() else 0.0
         allowed = atol + rtol * e[finite].abs()
-        if gap.numel() and (gap > allowed).any() or not torch.isfinite(g[finite]).all():
+        if gap.numel() and (gap > allowed).any():
             return (
                 f"the largest difference is {worst:.3g} (allowed: {atol:g} + {rtol:g} x |expected|)"
             )
@@ -113,13 +115,13 @@ def show(value) -> str:
     if isinstance(value, torch.Tensor):
         kind = f"tensor of shape {tuple(value.shape)}, {str(value.dtype).removeprefix('torch.')}"
         if value.numel() <= 24:
-            return f"{kind}: {value.tolist()}"
+            return f"{kind}: {_rounded(value.tolist())}"
         return kind
     if isinstance(value, (list, tuple)) and len(value) > 24:
         return f"{type(value).__name__} of {len(value)}: {list(value[:12])} ..."
     if isinstance(value, dict) and len(value) > 8:
         return f"dict of {len(value)} entries: {dict(list(value.items())[:6])} ..."
-    if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
         return "(" + ", ".join(show(v) for v in value) + ")"
     return repr(value)
 
@@ -142,8 +144,7 @@ def check(exercise: Exercise, function: Callable | None) -> list[str]:
         except NotImplementedError:
             return [f"  not written yet: {exercise.name}() raises NotImplementedError"]
         except Exception as err:  # noqa: BLE001 (the reader's code: any error is worth showing)
-            where = traceback.extract_tb(err.__traceback__)[-1]
-            return [*head, f"    raised {type(err).__name__}: {err} (line {where.lineno})",
+            return [*head, f"    raised {type(err).__name__}: {err} ({_where(err, function)})",
                     f"  hint: {exercise.hint}"]  # fmt: skip
         why = difference(expected, got, exercise.atol, exercise.rtol)
         if why is not None:
@@ -153,6 +154,24 @@ def check(exercise: Exercise, function: Callable | None) -> list[str]:
 
 
 # --8<-- [end:check]
+
+
+def _where(err: Exception, function: Callable) -> str:
+    """Where an error was raised: the line in the reader's file, or the file and line beyond it."""
+    frames = traceback.extract_tb(err.__traceback__)
+    mine = inspect.getsourcefile(inspect.unwrap(function))
+    last_mine = [f for f in frames if f.filename == mine]
+    at = frames[-1]
+    if at.filename == mine or not last_mine:
+        return f"line {at.lineno}"
+    return f"line {last_mine[-1].lineno}, in a call that failed in {Path(at.filename).name} line {at.lineno}"
+
+
+def _rounded(values):
+    """Nested lists of numbers with floats cut to 4 significant digits, for reading."""
+    if isinstance(values, list):
+        return [_rounded(v) for v in values]
+    return float(f"{values:.4g}") if isinstance(values, float) else values
 
 
 def _parameter_names(function: Callable, n: int) -> list[str]:
