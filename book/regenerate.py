@@ -93,7 +93,6 @@ STEPS = [
     Step("accounting", lambda: [["experiments/accounting.py"]], "accounting/*.md", 2),
     Step("scaling-lab",
          lambda: [["experiments/scaling.py", "--book"],
-                  ["experiments/scaling.py", "--break-it", "--book"],
                   ["experiments/scaling.py", "--quick", "--book"]],
          "scaling/*", 60),
     Step("efficiency", lambda: [["experiments/efficiency.py"]], "efficiency/*", 75),

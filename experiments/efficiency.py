@@ -7,12 +7,11 @@
   steps and seconds to reach the validation loss that every tuned AdamW run reaches.
 - ``bf16``: autocast to bfloat16 on the CPU against float32: the final loss, and tokens/s.
 - ``compile``: ``torch.compile`` against eager: the time the first step spends compiling, tokens/s.
+- ``checkpointing``: activation checkpointing: peak memory against time per step.
+- ``accumulation``: four micro-batches of 2 against one batch of 8: the same losses, at what cost.
 
 The speeds are measured in this process, the variants taking turns step by step (medians of 5), so
 that a shared machine slows them alike; the losses come from whole trainer runs.
-- ``checkpointing``: activation checkpointing: peak memory against time per step.
-- ``accumulation``: four micro-batches of 2 against one batch of 8: the same losses, at what cost.
-- ``muon-everywhere``: Break it: Muon on the embeddings and the head too.
 
 Every training run is the real trainer (``src.train``) on the default settings, written to
 ``runs/efficiency/<name>`` and reused when it is complete (resumed when it is not). Each experiment
@@ -35,7 +34,7 @@ from src.checkpoints import find_checkpoint
 from src.cli import read_jsonl
 from src.flops import PeakMemory, training_memory
 from src.model import PRESETS, GPTConfig, GPTModel
-from src.training import OPTIMIZERS, Muon, adamw, autocast, cross_entropy, optimizer_step
+from src.training import adamw, autocast, cross_entropy, optimizer_step
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = REPO / "runs" / "efficiency"
@@ -135,29 +134,6 @@ def muon() -> dict:
 
 
 # --8<-- [end:muon]
-
-
-# --8<-- [start:muon_everywhere]
-def muon_everywhere(model: torch.nn.Module, lr: float, weight_decay: float) -> Muon:
-    """Break it: Muon on every matrix of the model, the embeddings and the head included."""
-    matrices = [p for p in model.parameters() if p.dim() == 2]  # tok_emb, pos_emb, out_head too
-    vectors = [p for p in model.parameters() if p.dim() < 2]
-    return Muon([{"params": matrices, "weight_decay": weight_decay, "muon": True},
-                 {"params": vectors, "weight_decay": 0.0}], lr=lr)  # fmt: skip
-
-
-# --8<-- [end:muon_everywhere]
-
-
-def muon_everywhere_experiment() -> dict:
-    """The tuned Muon run against the same run with Muon on the embeddings and the head."""
-    lr, _ = tuned("muon")
-    OPTIMIZERS["muon-everywhere"] = muon_everywhere  # now the trainer's --optimizer offers it
-    result = {"lr": lr}
-    for name in ("muon", "muon-everywhere"):
-        rows = run(f"{name}-lr{lr:g}-seed123", tuning_flags(name, lr))
-        result[name] = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    return result
 
 
 def bf16() -> dict:
@@ -271,8 +247,7 @@ def accumulation() -> dict:
 
 
 EXPERIMENTS = {"muon": muon, "bf16": bf16, "compile": compile_experiment,
-               "checkpointing": checkpointing, "accumulation": accumulation,
-               "muon-everywhere": muon_everywhere_experiment}  # fmt: skip
+               "checkpointing": checkpointing, "accumulation": accumulation}  # fmt: skip
 
 
 def mib(n: float) -> str:
@@ -342,22 +317,6 @@ def table(results: dict) -> str:
                                f"{torch.__version__}).*\n")  # fmt: skip
 
 
-def muon_everywhere_table(result: dict) -> str:
-    """Break it: the validation loss of the two Muon runs, step by step."""
-    lines = ["| step | Muon on the blocks' matrices, AdamW for the rest | Muon on every matrix |",
-             "| ---: | ---: | ---: |"]  # fmt: skip
-    for (step, proper), (_, everywhere) in zip(
-        result["muon"], result["muon-everywhere"], strict=True
-    ):
-        if step in (0, 10, 20, 50, 100, 150, 200):
-            lines.append(f"| {step} | {proper:.3f} | {everywhere:.3f} |")
-    preset = (
-        "" if result.get("preset", "cpu-small") == "cpu-small" else f" --preset {result['preset']}"
-    )
-    return "\n".join(lines) + (f"\n\n*Made by `uv run python experiments/efficiency.py{preset} "
-                               f"muon-everywhere` (lr {result['lr']:g}).*\n")  # fmt: skip
-
-
 def main() -> None:
     global PRESET  # every experiment reads it
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -381,10 +340,6 @@ def main() -> None:
     results = {p.stem: json.loads(p.read_text("utf-8")) for p in sorted(OUT.glob("*.json"))}
     (OUT / "table.md").write_text(table(results), encoding="utf-8")
     print(table(results))
-    if "muon-everywhere" in results:
-        (OUT / "muon-everywhere.md").write_text(
-            muon_everywhere_table(results["muon-everywhere"]), encoding="utf-8"
-        )
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+from benchmarks.harness import markdown_table
 from src.data import (
     GPTDataset,
     load_corpus,
@@ -417,20 +418,21 @@ def book_table(result: dict, command: str) -> str:
                               f"{minutes:.0f} minutes of training on one core each).*\n")  # fmt: skip
 
 
-def too_little_data(design: Design, out: Path, jobs: int, distinct: int = 8_192) -> str:
-    """Break it: the smallest budget's runs again, each on only ``distinct`` training tokens, seen
-    over and over; beside the lab's runs, which never see a token twice."""
+def too_little_data(design: Design, out: Path, jobs: int, distinct: int) -> str:
+    """The Break it of ``experiments/compute.py``: the smallest budget's runs again, each on only
+    ``distinct`` training tokens, seen over and over; beside the lab's runs, which never see a token
+    twice."""
     smallest = replace(design, budgets=(min(design.budgets),))
     fresh = run_grid(smallest, out, jobs)
     starved = run_grid(smallest, out, jobs, change={"distinct_tokens": distinct})
-    lines = [f"| depth | N | D (tokens seen) | epochs over {distinct:,} tokens | val loss, fresh data "
-             "| val loss, repeated | training loss, repeated | gap (val - training) |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
-    for a, b in zip(fresh, starved, strict=True):
-        lines.append(f"| {a['depth']} | {a['N']:,} | {a['D']:,} | {a['D'] / distinct:.0f} | "
-                     f"{a['val_loss']:.3f} | {b['val_loss']:.3f} | {b['eval_train_loss']:.3f} | "
-                     f"{b['val_loss'] - b['eval_train_loss']:.3f} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+    header = ["depth", "N", "D (tokens seen)", f"epochs over {distinct:,} tokens",
+              "val loss, fresh data", "val loss, repeated", "training loss, repeated",
+              "gap (val - training)"]  # fmt: skip
+    rows = [[a["depth"], f"{a['N']:,}", f"{a['D']:,}", f"{a['D'] / distinct:.0f}",
+             f"{a['val_loss']:.3f}", f"{b['val_loss']:.3f}", f"{b['eval_train_loss']:.3f}",
+             f"{b['val_loss'] - b['eval_train_loss']:.3f}"]
+            for a, b in zip(fresh, starved, strict=True)]  # fmt: skip
+    return markdown_table(header, rows, align="r" * len(header))
 
 
 def main() -> None:
@@ -441,20 +443,11 @@ def main() -> None:
     a("--jobs", type=int, default=min(2, multiprocessing.cpu_count()),
       help="runs trained at once, one thread each")  # fmt: skip
     a("--book", action="store_true", help=f"also write the book's figure and tables to {BOOK}")
-    a("--break-it", action="store_true", help="train the smallest budget's models on 8,192 "
-      "tokens, repeated, beside the lab's: the overfitting signature")  # fmt: skip
     args = parser.parse_args()
     design = QUICK if args.quick else FULL
     name = "scaling-quick" if args.quick else "scaling"
     out = args.out or REPO / "runs" / name
     command = "uv run python experiments/scaling.py" + (" --quick" if args.quick else "")
-    if args.break_it:
-        table = too_little_data(design, out, args.jobs)
-        print(table)
-        if args.book:
-            write_atomically(BOOK / f"{name}-too-little-data.md",
-                             table + f"\n*Made by `{command} --break-it`.*\n")  # fmt: skip
-        return
     start = time.perf_counter()
     result = analyse(run_grid(design, out, args.jobs))
     write_atomically(out / "scaling.json", json.dumps(result, indent=1))

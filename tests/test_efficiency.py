@@ -1,11 +1,12 @@
 """The efficiency experiments' own arithmetic (``experiments/efficiency.py``): when a run reaches a
-target, and what the Break-it optimizer steps."""
+target; and what the chapter's Break-it optimizer (``experiments/compute.py``) steps."""
 
 import importlib.util
 
 import pytest
 from conftest import REPO
 
+from experiments import compute
 from src.model import GPTConfig, GPTModel
 
 spec = importlib.util.spec_from_file_location("efficiency", REPO / "experiments" / "efficiency.py")
@@ -34,7 +35,7 @@ def test_the_step_a_target_is_reached_is_interpolated_between_evaluations():
 
 def test_muon_everywhere_puts_the_embeddings_and_the_head_under_muon():
     model = GPTModel(GPTConfig.from_preset("cpu-tiny"))
-    matrices, vectors = efficiency.muon_everywhere(model, 1e-3, 0.1).param_groups
+    matrices, vectors = compute.muon_everywhere(model, 1e-3, 0.1).param_groups
     assert matrices["muon"] and not vectors["muon"]
     names = {id(p): n for n, p in model.named_parameters()}
     muon_names = {names[id(p)] for p in matrices["params"]}

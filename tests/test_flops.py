@@ -130,9 +130,9 @@ def test_peak_rate_is_measured_once_per_device_and_dtype(tmp_path, monkeypatch):
     assert peak_matmul_flops(cpu, torch.float32) == 1e10
     peak_matmul_flops(cpu, torch.bfloat16)
     assert measured == [torch.float32, torch.bfloat16]  # each once
-    cached = json.loads((tmp_path / "peak-flops.json").read_text())
+    cached = json.loads((tmp_path / "peak-matmul.json").read_text())
     assert sorted(k.split(", ")[-2] for k in cached) == ["bfloat16", "float32"]
-    (tmp_path / "peak-flops.json").write_text("{not json")
+    (tmp_path / "peak-matmul.json").write_text("{not json")
     assert peak_matmul_flops(cpu, torch.float32) == 1e10 and len(measured) == 3  # measured anew
 
 

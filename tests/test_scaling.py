@@ -120,3 +120,9 @@ def test_the_lab_writes_its_results_and_continues_where_it_stopped(tmp_path, tin
     again = scaling.run_grid(design, out, jobs=1)
     assert len(trained) == 1 and len(again) == 3
     assert [r["val_loss"] for r in again] == pytest.approx([r["val_loss"] for r in runs], rel=1e-5)
+    # The Break it (experiments/compute.py): the same runs on a sliver of the data, repeated. The
+    # lab's runs come from the cache; only the starved ones train.
+    trained.clear()
+    table = scaling.too_little_data(design, out, jobs=1, distinct=64)
+    assert sorted(trained) == [1, 2, 3] and len(table.splitlines()) == 2 + 3
+    assert len(list((out / "runs").glob("*.json"))) == 6
