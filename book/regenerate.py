@@ -96,6 +96,8 @@ STEPS = [
                   ["experiments/scaling.py", "--quick", "--book"]],
          "scaling/*", 60),
     Step("efficiency", lambda: [["experiments/efficiency.py"]], "efficiency/*", 75),
+    Step("modern", lambda: [["experiments/modern.py"]], "modern/*.md", 6),
+    Step("ablation", lambda: [["experiments/ablation.py"]], "ablation.{md,json}", 120),
     Step("verdict",
          lambda: [verdict_command(),
                   ["book/curves.py", "runs/verdict", "--reference", "verdict"]],

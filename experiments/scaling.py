@@ -385,6 +385,7 @@ def plot(result: dict, path: Path) -> None:
         (right, "compute C (FLOPs)", "N (parameters), D (tokens)", "compute-optimal frontier"),
     ):
         ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # 2e11, 3e11... overlap
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     right.set_yscale("log")

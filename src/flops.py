@@ -36,12 +36,16 @@ def training_flops_per_token(cfg: GPTConfig) -> int:
     """Matrix-multiply FLOPs of one forward and backward pass, per token, at a full context of
     ``cfg.context_length`` tokens, counted as dense (2 FLOPs per multiply-add), the head included.
 
-    Elementwise work (LayerNorm, GELU, softmax, the optimizer) is left out: it is a few percent of
-    the total and is limited by memory bandwidth, not arithmetic."""
+    The modern switches change the shapes, not the rule: grouped-query attention has narrower key
+    and value projections, SwiGLU three feed-forward matrices, Qwen3 a head width of its own.
+    Elementwise work (the norms, GELU or SiLU, rotary positions, softmax, the optimizer) is left
+    out: it is a few percent of the total and is limited by memory bandwidth, not arithmetic."""
     d, T = cfg.emb_dim, cfg.context_length
-    projections = 2 * 4 * d * d  # W_query, W_key, W_value, out_proj: (d, d) each
-    attention = 2 * 2 * T * d  # q k^T and weights @ v: T keys, all heads; the masked half too
-    feedforward = 2 * 2 * d * 4 * d  # fc (d, 4d) and proj (4d, d)
+    q_width = cfg.n_heads * cfg.head_size  # the query heads, and the heads' output
+    kv_width = cfg.kv_heads * cfg.head_size  # the key and value heads: fewer with grouped queries
+    projections = 2 * d * (2 * q_width + 2 * kv_width)  # W_query, out_proj; W_key, W_value
+    attention = 2 * 2 * T * q_width  # q k^T, weights @ v: T keys a query head, masked half too
+    feedforward = 2 * ff_matrices(cfg) * d * cfg.ff_width  # fc (d, h), proj (h, d); SwiGLU's gate
     head = 2 * d * cfg.vocab_size  # out_head (d, vocab_size)
     forward = cfg.n_layers * (projections + attention + feedforward) + head
     # Backward: every y = x W needs dL/dx = dL/dy W^T and dL/dW = x^T dL/dy, two multiplies of
@@ -49,10 +53,17 @@ def training_flops_per_token(cfg: GPTConfig) -> int:
     return 3 * forward
 
 
+def ff_matrices(cfg: GPTConfig) -> int:
+    """The feed-forward network's matrices: GELU's MLP has two, SwiGLU a gate besides."""
+    return 3 if cfg.ff == "swiglu" else 2
+
+
 def matmul_parameters(cfg: GPTConfig) -> int:
     """N: the weights a token is multiplied by, every linear layer's and the head's. Not the
-    embeddings (a lookup), the biases or LayerNorm (elementwise)."""
-    return cfg.n_layers * 12 * cfg.emb_dim**2 + cfg.emb_dim * cfg.vocab_size
+    embeddings (a lookup), the biases or the norms (elementwise)."""
+    d, q_width, kv_width = cfg.emb_dim, cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+    block = d * (2 * q_width + 2 * kv_width) + ff_matrices(cfg) * d * cfg.ff_width
+    return cfg.n_layers * block + d * cfg.vocab_size
 
 
 def six_n_flops_per_token(cfg: GPTConfig) -> int:
@@ -89,13 +100,19 @@ class MemoryEstimate:
 
 def parameter_count(cfg: GPTConfig) -> int:
     """Every trained number of ``GPTModel(cfg)``: what ``count_parameters`` counts, from the config."""
-    d = cfg.emb_dim
-    attention = 4 * d * d + d + (3 * d if cfg.qkv_bias else 0)  # out_proj has a bias
-    feedforward = 8 * d * d + 4 * d + d
-    norms = 2 * 2 * d  # scale and shift, twice
+    d, h, hd = cfg.emb_dim, cfg.ff_width, cfg.head_size
+    q_width, kv_width = cfg.n_heads * hd, cfg.kv_heads * hd
+    attention = d * (2 * q_width + 2 * kv_width) + (q_width + 2 * kv_width if cfg.qkv_bias else 0)
+    attention += (d if cfg.bias else 0) + (2 * hd if cfg.qk_norm else 0)  # out bias; q, k norms
+    feedforward = ff_matrices(cfg) * d * h + ((ff_matrices(cfg) - 1) * h + d if cfg.bias else 0)
+    norm = 2 * d if cfg.norm == "layernorm" else d  # scale and shift, or a scale alone
     head = 0 if cfg.tie_weights else d * cfg.vocab_size
-    embeddings = (cfg.vocab_size + cfg.context_length) * d
-    return embeddings + cfg.n_layers * (attention + feedforward + norms) + 2 * d + head
+    embeddings = (cfg.vocab_size + (cfg.context_length if cfg.pos_emb == "learned" else 0)) * d
+    return embeddings + cfg.n_layers * (attention + feedforward + 2 * norm) + norm + head
+
+
+GPT2_BLOCK = {"norm": "layernorm", "pos_emb": "learned", "ff": "gelu", "ff_hidden_dim": None,
+              "n_kv_heads": None, "head_dim": None, "qk_norm": False}  # fmt: skip
 
 
 def block_activation_bytes(cfg: GPTConfig) -> int:
@@ -106,7 +123,15 @@ def block_activation_bytes(cfg: GPTConfig) -> int:
     feed-forward its input (1), and GELU, spelled out elementwise, four 4 emb_dim tensors (16) and
     its output (4). Besides, the softmax weights (n_heads T floats) and the two LayerNorms'
     deviations (1 float each). Dropout adds its masks (float32 on a CPU) and a second copy of the
-    attention weights, the one after dropout."""
+    attention weights, the one after dropout.
+
+    GPT-2's block only: the modern switches save other tensors, and are refused rather than
+    guessed at."""
+    modern = {
+        name: getattr(cfg, name) for name, gpt2 in GPT2_BLOCK.items() if getattr(cfg, name) != gpt2
+    }
+    if modern:
+        raise ValueError(f"the activation count knows GPT-2's block only, not {modern}")
     d, H, T = cfg.emb_dim, cfg.n_heads, cfg.context_length
     dropout = 2 * H * T + 2 * d if cfg.drop_rate > 0 else 0
     return 4 * (32 * d + H * T + 2 + dropout)

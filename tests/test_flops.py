@@ -28,6 +28,14 @@ CONFIGS = [
 ] + [
     pytest.param("cpu-tiny", {"qkv_bias": True, "tie_weights": True}, id="cpu-tiny-bias-tied"),
     pytest.param("cpu-small", {"attn_impl": "sdpa", "context_length": 100}, id="cpu-small-sdpa"),
+    # The modern switches one by one on the default model, and cpu-llama (all of them) through SDPA.
+    pytest.param("cpu-small", {"ff": "swiglu"}, id="cpu-small-swiglu"),
+    pytest.param("cpu-small", {"n_kv_heads": 1}, id="cpu-small-multi-query"),
+    pytest.param("cpu-small", {"head_dim": 96, "qk_norm": True}, id="cpu-small-wide-heads-qk-norm"),
+    pytest.param(
+        "cpu-small", {"norm": "rmsnorm", "pos_emb": "rope", "bias": False}, id="cpu-small-rms-rope"
+    ),
+    pytest.param("cpu-llama", {"attn_impl": "sdpa"}, id="cpu-llama-sdpa"),
 ]
 
 
@@ -140,3 +148,8 @@ def test_the_measured_peak_is_a_real_rate(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path))
     rate = peak_matmul_flops(torch.device("cpu"), torch.float32)
     assert 1e8 < rate < 1e14  # a CPU thread: somewhere between 0.1 GFLOP/s and 100 TFLOP/s
+
+
+def test_the_memory_estimate_refuses_a_block_it_does_not_count():
+    with pytest.raises(ValueError, match="GPT-2's block only"):
+        training_memory(GPTConfig.from_preset("cpu-llama"), 8)
