@@ -73,7 +73,7 @@ class Step:
 
 STEPS = [
     Step("figures", lambda: [["book/figures.py"]], "diagrams/*.svg", 1),
-    Step("break-it", lambda: [["-m", "experiments"]], "break-it/*.md", 10),
+    Step("break-it", lambda: [["-m", "experiments"]], "break-it/*.md", 25),
     Step("tokenizer", lambda: [["benchmarks/tokenizer.py", "--repeats", "7"]],
          "tokenizer-benchmark.{json,md}", 3),
     Step("attention", lambda: [["benchmarks/attention.py"]], "attention-benchmark.{json,md,png}", 7),

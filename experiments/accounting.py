@@ -118,26 +118,38 @@ def mfu_table(run: Path) -> str:
     cfg = GPTConfig.from_preset("cpu-small")
     tokens = statistics.median(r["tokens_per_sec"] for r in rows)
     fpt = training_flops_per_token(cfg)
+    default = run.name == "default"  # else a shorter run, with the default settings otherwise
+    steps = rows[-1]["step"]
+    trained = "" if default else f" --max-steps {steps} --out-dir runs/{run.name}"
     return (
-        "| run | FLOPs per token | tokens/s (median) | achieved | measured fp32 matmul peak "
-        "| MFU (median) |\n| --- | ---: | ---: | ---: | ---: | ---: |\n"
-        f"| `uv run python -m src.train` | {fpt / 1e6:.1f} M | {tokens:,.0f} | "
+        "| run folder | steps | FLOPs per token | tokens/s (median) | achieved "
+        "| measured fp32 matmul peak | MFU (median) |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        f"| `runs/{run.name}` | {steps} | {fpt / 1e6:.1f} M | {tokens:,.0f} | "
         f"{tokens * fpt / 1e9:.1f} GFLOP/s | {peak / 1e9:.1f} GFLOP/s | "
         f"{statistics.median(r['mfu'] for r in rows):.1%} |\n\n*Made by `uv run python "
-        f"experiments/accounting.py` after `uv run python -m src.train` "
-        f"({torch.get_num_threads()} threads).*\n"
+        f"experiments/accounting.py{'' if default else ' mfu --run runs/' + run.name}` after "
+        f"`uv run python -m src.train{trained}` ({torch.get_num_threads()} threads).*\n"
     )
+
+
+TABLES = ("flops", "memory", "mfu")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("tables", nargs="*", metavar="TABLE",
+                        help=f"tables to write (default: all): {', '.join(TABLES)}")  # fmt: skip
     parser.add_argument("--run", type=Path, default=REPO / "runs" / "default",
                         help="the run folder whose MFU to report")  # fmt: skip
     args = parser.parse_args()
+    for name in args.tables:
+        if name not in TABLES:
+            parser.error(f"unknown table {name!r}; the tables: {', '.join(TABLES)}")
     OUT.mkdir(parents=True, exist_ok=True)
-    for name, make in (("flops", flops_table), ("memory", memory_table),
-                       ("mfu", lambda: mfu_table(args.run))):  # fmt: skip
-        text = make()
+    makers = {"flops": flops_table, "memory": memory_table, "mfu": lambda: mfu_table(args.run)}
+    for name in args.tables or TABLES:
+        text = makers[name]()
         (OUT / f"{name}.md").write_text(text, encoding="utf-8")
         print(text)
 
