@@ -249,7 +249,9 @@ def peak_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 def _measure_matmul(device: torch.device, dtype: torch.dtype) -> float:
     n = 1024 if device.type == "cpu" else 8192  # big enough to be compute-bound, quick to time
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    # A generator of its own: measuring the peak must not move the run's random numbers.
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=generator).to(device, dtype) for _ in range(2))
     threads = torch.get_num_threads()
     best = math.inf
     for _ in range(8):  # the fastest of eight; the first also warms up
