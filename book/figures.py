@@ -351,6 +351,34 @@ DIAGRAMS: dict[str, tuple[dict[str, Box], list[Edge]]] = {
     ),
     "instructions": _instruct_cells(),
     "speculative": _speculative_round(),
+    # src/flops.py, training_flops_per_token: the matrix multiplies one token goes through, with
+    # their forward FLOPs (2 per multiply-add; d = emb_dim, T = context_length, V = vocab_size).
+    "flops": (
+        {
+            "x": Box("one token's vector\n(1, d)", "data", 0, 1),
+            "q": Box("W_query: 2 d²", "param", 1, 0),
+            "k": Box("W_key: 2 d²", "param", 1, 1),
+            "v": Box("W_value: 2 d²", "param", 1, 2),
+            "scores": Box("q k^T over T keys\n2 T d", "op", 2, 0.5),
+            "mix": Box("weights @ v over T\n2 T d", "op", 3, 1.25),
+            "out": Box("out_proj: 2 d²", "param", 4, 1.25),
+            "fc": Box("ff.fc (d, 4d): 8 d²", "param", 5, 1.25),
+            "proj": Box("ff.proj (4d, d): 8 d²", "param", 6, 1.25),
+            "block": Box("a block: 24 d² + 4 T d", "note", 6, 0),
+            "layers": Box("x n_layers blocks", "note", 7, 1.25),
+            "head": Box("out_head (d, V): 2 d V", "param", 8, 1.25),
+            "forward": Box("forward F = n_layers (24 d² + 4 T d) + 2 d V", "note", 9, 1.0, 5.0),
+            "train": Box(
+                "training = F + backward 2F = 3F\n(dL/dx and dL/dW: two multiplies each)",
+                "note",
+                10,
+                1.0,
+                5.0,
+            ),
+        },
+        [("x", "q"), ("x", "k"), ("x", "v"), ("q", "scores"), ("k", "scores"), ("v", "mix")]
+        + chain("scores", "mix", "out", "fc", "proj", "layers", "head", "forward", "train"),
+    ),
     "modern-block": _modern_block(),
     # train.py, one optimizer step on W = 2 processes: every rank computes the same global batch
     # (step_batch) and keeps its slice, B / W windows; DDP averages the gradients.

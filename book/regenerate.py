@@ -73,7 +73,7 @@ class Step:
 
 STEPS = [
     Step("figures", lambda: [["book/figures.py"]], "diagrams/*.svg", 1),
-    Step("break-it", lambda: [["-m", "experiments"]], "break-it/*.md", 13),
+    Step("break-it", lambda: [["-m", "experiments"]], "break-it/*.md", 30),
     Step("tokenizer", lambda: [["benchmarks/tokenizer.py", "--repeats", "7"]],
          "tokenizer-benchmark.{json,md}", 3),
     Step("attention", lambda: [["benchmarks/attention.py"]], "attention-benchmark.{json,md,png}", 7),
@@ -92,6 +92,13 @@ STEPS = [
          "inference-*.{json,md}", 15),
     # After the default run: the Generating chapter's output is the generator on its checkpoint.
     Step("run-it", lambda: [["book/run_it.py"]], "run-it/*.md", 15),  # 13 of them instructions
+    # After the default run: its MFU is read from runs/default.
+    Step("accounting", lambda: [["experiments/accounting.py"]], "accounting/*.md", 2),
+    Step("scaling-lab",
+         lambda: [["experiments/scaling.py", "--book"],
+                  ["experiments/scaling.py", "--quick", "--book"]],
+         "scaling/*", 60),
+    Step("efficiency", lambda: [["experiments/efficiency.py"]], "efficiency/*", 75),
     Step("ablation", lambda: [["experiments/ablation.py"]], "ablation.{md,json}", 120),
     Step("verdict",
          lambda: [verdict_command(),

@@ -435,10 +435,13 @@ def instructions(tmp: Path) -> str:
 # tqdm's bar: "37%|███▋      | 40/108 [00:01<00:02, 31.5step/s, loss=0.693]", redrawn after "\r",
 # perhaps after a label ("responses: ").
 PROGRESS_BAR = re.compile(r"^\s*(?:\w+:\s*)?\d+%\|[^|]*\|[^\[]*\[[^\]]*\]")
-# Timings, which change from run to run: a finetuning command's and the generator's.
+# Timings, which change from run to run: a finetuning command's and the generator's, and the
+# trainer's measured peak matmul rate and utilisation of it.
 TIMINGS = [
     (re.compile(r"\bseconds [\d.]+"), "seconds …"),
     (re.compile(r"in [\d.]+ s, [\d.]+ tokens/s"), "in … s, … tokens/s"),
+    (re.compile(r"MFU against [\d,]+ GFLOP/s"), "MFU against … GFLOP/s"),
+    (re.compile(r"MFU [\d.]+%"), "MFU …%"),
 ]
 
 

@@ -86,14 +86,16 @@ def training(
     steps: int,
     lr: float,
     warmup: int = 0,
+    make_optimizer: Callable[[nn.Module, float, float], torch.optim.Optimizer] = adamw,
 ) -> Iterator[tuple[int, float]]:
     """Train ``model`` for ``steps`` optimizer steps; yield (steps done, loss) after each.
 
     ``batch_of(step)`` is the batch of a step, ``loss_fn(batch)`` its mean loss. The learning rate
     rises linearly over ``warmup`` steps, then stays at ``lr``. A non-finite loss is yielded as NaN and
-    ends the run, the weights left as they were before it.
+    ends the run, the weights left as they were before it. ``make_optimizer(model, lr, weight_decay)``
+    makes the optimizer: AdamW unless an experiment compares another.
     """
-    optimizer = adamw(model, lr, weight_decay=0.1)
+    optimizer = make_optimizer(model, lr, 0.1)
     schedule = Schedule(lr, min_lr=lr, warmup_steps=warmup, max_steps=steps)
     model.train()
     for step in range(steps):

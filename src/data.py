@@ -17,11 +17,14 @@ same batches, with nothing to save but the step.
 
 The default corpus needs no network and commits no third-party prose: it is the reference text of
 Python's own documentation (``pydoc_data.topics``, what ``help("if")`` prints), which ships with every
-Python that can run this project. Your own text works too: a ``.txt`` file, a directory of them, or an
-``https://`` URL with its checksum.
+Python that can run this project. It is small (about 0.5 MB). ``python-stdlib`` is the large one,
+from the same place: the source code of Python's standard library and its tests, about 31 MB. Your
+own text works too: a ``.txt`` file, a directory of them, or an ``https://`` URL with its checksum.
 """
 
+import contextlib
 import sys
+import sysconfig
 import urllib.parse
 from dataclasses import dataclass
 from itertools import pairwise
@@ -46,14 +49,17 @@ class Corpus:
 
 
 def load_corpus(source: str | None = None, cache: str | Path | None = None) -> Corpus:
-    """``None``/``"default"``: Python's documentation topics; a ``.txt`` file; a directory of
-    ``.txt`` files (sorted by name, joined by blank lines); or ``"https://...#sha256=HEX"``
-    (downloaded once into ``cache/downloads``, checked against the hash every time)."""
-    if source in (None, "default"):
+    """``None``/``"default"``/``"python-docs"``: Python's documentation topics; ``"python-stdlib"``:
+    the standard library's source; a ``.txt`` file; a directory of ``.txt`` files (sorted by name,
+    joined by blank lines); or ``"https://...#sha256=HEX"`` (downloaded once into
+    ``cache/downloads``, checked against the hash every time)."""
+    if source in (None, "default", "python-docs"):
         import pydoc_data.topics
 
         topics = pydoc_data.topics.topics
         name, text = "python-docs", "\n\n".join(topics[key] for key in sorted(topics))
+    elif source == "python-stdlib":
+        name, text = source, python_stdlib_text()
     elif "://" in source:
         name = Path(urllib.parse.urlsplit(source).path).stem or "download"
         text = _download_text(source, Path(cache or cache_dir()))
@@ -75,6 +81,38 @@ def load_corpus(source: str | None = None, cache: str | Path | None = None) -> C
 
 
 # --8<-- [end:corpus]
+
+
+# --8<-- [start:stdlib]
+def python_stdlib_files() -> list[Path]:
+    """The standard library's ``.py`` files, its test suite included, in the order of their paths
+    below its folder.
+
+    Left out: installed packages (``site-packages``), and the files the build writes for one machine
+    (``_sysconfigdata*``, ``config-*``), so that the corpus is the same wherever the same Python is
+    installed in full. The test suite stays: it is two thirds of the code, and the scaling lab
+    needs every token of it."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        machine = rel.name.startswith("_sysconfigdata") or rel.parts[0].startswith("config-")
+        if "site-packages" not in rel.parts and not machine:
+            files.append(path)
+    return sorted(files, key=lambda path: path.relative_to(root).as_posix())
+
+
+def python_stdlib_text() -> str:
+    """The files of ``python_stdlib_files``, one document each, joined by end-of-text tokens. The
+    few that are not UTF-8 are left out: tests of other source encodings, written to be strange."""
+    texts = []
+    for path in python_stdlib_files():
+        with contextlib.suppress(UnicodeDecodeError):
+            texts.append(path.read_bytes().decode("utf-8"))
+    return "<|endoftext|>".join(texts)
+
+
+# --8<-- [end:stdlib]
 
 
 def _read_text(path: Path) -> str:

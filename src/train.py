@@ -25,6 +25,7 @@ number of processes: each of ``world_size`` processes runs ``grad_accum`` micro-
 """
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 from src.attention import ATTN_IMPLS
 from src.checkpoints import (
@@ -71,10 +73,13 @@ from src.data import (
 )
 from src.errors import NonFiniteLossError, UserError
 from src.files import cache_dir
+from src.flops import mfu, peak_matmul_flops, synchronize
 from src.generate import generate
 from src.model import PRESETS, GPTConfig, GPTModel, count_parameters
 from src.tokenizer import get_tokenizer
 from src.training import (
+    DTYPES,
+    OPTIMIZERS,
     Schedule,
     adamw,
     autocast,
@@ -130,8 +135,9 @@ def build_parser() -> Parser:
     )
     a = p.add_argument
     a("--preset", default="cpu-small", help=f"model size: {', '.join(PRESETS)}")
-    a("--data", help="a UTF-8 text file or a folder of .txt files to train on; the built-in corpus "
-      "(Python's documentation) when not given")  # fmt: skip
+    a("--data", help="a UTF-8 text file or a folder of .txt files to train on, or a built-in "
+      "corpus: python-docs (Python's documentation, 0.5 MB, the default) or python-stdlib (the "
+      "standard library's source code and tests, 31 MB)")  # fmt: skip
     a("--tokenizer", help="'gpt2', a folder with GPT-2's encoder.json and vocab.bpe, or a saved "
       "tokenizer file; when not given, a BPE tokenizer of --vocab-size tokens is trained on the "
       "corpus and cached")  # fmt: skip
@@ -152,7 +158,9 @@ def build_parser() -> Parser:
     a("--max-steps", type=positive_int,
       help=f"optimizer steps to train for; {DEFAULT_MAX_STEPS} unless --epochs is given")  # fmt: skip
     a("--epochs", type=positive, help="passes over the training split (instead of --max-steps)")
-    a("--weight-decay", type=non_negative, default=0.1, help="AdamW decay on weight matrices")
+    a("--optimizer", default="adamw", choices=list(OPTIMIZERS),
+      help="adamw, or muon: orthogonalised momentum for the blocks' matrices, AdamW for the rest")  # fmt: skip
+    a("--weight-decay", type=non_negative, default=0.1, help="decoupled decay on weight matrices")
     a("--grad-clip", type=non_negative, default=1.0, help="clip the gradient norm (0: off)")
     a(
         "--eval-interval",
@@ -175,6 +183,9 @@ def build_parser() -> Parser:
     a("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
       help="autocast precision (fp16 only on CUDA, with a gradient scaler)")  # fmt: skip
     a("--compile", action="store_true", help="compile the model with torch.compile")
+    a("--activation-checkpointing", action="store_true",
+      help="keep only each block's input for the backward pass and recompute the rest there: "
+      "less memory, about one more forward pass of time")  # fmt: skip
     a(
         "--attn-impl",
         choices=ATTN_IMPLS,
@@ -326,6 +337,10 @@ def check_resumable(meta: dict, args, cfg: GPTConfig, tokenizer, corpus, ckpt: P
             f"checkpoint {ckpt} was trained with another tokenizer "
             f"({meta['tokenizer']['ref']}); pass the same --tokenizer/--vocab-size/--data"
         )
+    before = meta.get("args", {}).get("optimizer", "adamw")  # older checkpoints: AdamW
+    if before != args.optimizer:
+        raise UserError(f"checkpoint {ckpt} was trained with --optimizer {before}; resume it with "
+                        "the same optimizer")  # fmt: skip
     data = meta.get("data")
     if not isinstance(data, dict):
         raise UserError(f"checkpoint {ckpt} was not written by src.train (it has no data record)")
@@ -363,6 +378,7 @@ class Run:
     prompt_ids: list[int]
     step: int
     log: MetricsLog | None  # rank 0 only
+    peak_flops: float  # FLOP/s of this device's matmuls in the run's dtype, measured once
 
 
 # --8<-- [start:prepare]
@@ -394,13 +410,15 @@ def prepare_run(args, device, rank: int, world_size: int, folder: RunFolder | No
     if args.init == "pytorch":
         pytorch_default_init(model)
     model = model.to(device)
-    optimizer = adamw(model, args.lr, args.weight_decay)
+    optimizer = OPTIMIZERS[args.optimizer](model, args.lr, args.weight_decay)
     step = 0
     if meta:
         load_weights(ckpt, model)
         load_optimizer(ckpt, optimizer)
         step = meta["step"]
     restore_rng(args.seed, rank, world_size, meta)
+    if args.activation_checkpointing:
+        checkpoint_blocks(model)
     stepping = torch.compile(model) if args.compile else model
     if world_size > 1:
         stepping = DistributedDataParallel(stepping)
@@ -412,7 +430,8 @@ def prepare_run(args, device, rank: int, world_size: int, folder: RunFolder | No
               grad_scaler(device, args.dtype), amp, schedule,
               GPTDataset(train_tokens, cfg.context_length, stride=cfg.context_length),
               GPTDataset(val_tokens, cfg.context_length, stride=cfg.context_length),
-              tokenizer, run_meta, prompt_ids, step, None)  # fmt: skip
+              tokenizer, run_meta, prompt_ids, step, None,
+              peak_matmul_flops(device, DTYPES[args.dtype]))  # fmt: skip
     if folder is not None:
         run.log = open_outputs(folder, step if meta else None)
         describe(run, corpus, len(train_tokens), len(val_tokens))
@@ -432,6 +451,19 @@ def restore_rng(seed: int, rank: int, world_size: int, meta: dict | None) -> Non
               f"has {world_size}; dropout draws start afresh", file=sys.stderr)  # fmt: skip
 
 
+# --8<-- [start:checkpointing]
+def checkpoint_blocks(model: GPTModel) -> None:
+    """``--activation-checkpointing``: every block runs under ``torch.utils.checkpoint``, which
+    saves only the block's input and recomputes the rest when the backward pass reaches it (with
+    the same dropout draws). Each block's own ``forward`` is wrapped, so its parameters keep their
+    names and checkpoints are unchanged."""
+    for block in model.trf_blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+# --8<-- [end:checkpointing]
+
+
 def open_outputs(folder: RunFolder, resumed_at: int | None) -> MetricsLog:
     """The metrics file: a fresh one, or (resuming) the rows up to the checkpoint's step."""
     if resumed_at is None:
@@ -444,7 +476,9 @@ def describe(run: Run, corpus, n_train: int, n_val: int) -> None:
     print(
         f"{run.args.preset}: {count_parameters(run.raw_model):,} parameters, context "
         f"{run.cfg.context_length}, attention {run.cfg.attn_impl}, {run.device}, "
-        f"{run.args.dtype}, {run.world_size} process(es), {torch.get_num_threads()} thread(s)\n"
+        f"{run.args.dtype}, {run.world_size} process(es), {torch.get_num_threads()} thread(s); "
+        f"MFU against {run.peak_flops / 1e9:,.0f} GFLOP/s, this device's measured {run.args.dtype} "
+        "matmul peak\n"
         f"data: {corpus.name}, {n_train:,} training / {n_val:,} validation tokens, "
         f"{steps_per_epoch} steps per epoch; "
         f"{'resuming at step ' + str(run.step) if run.step else 'starting'} -> step "
@@ -557,14 +591,15 @@ def train(args) -> tuple[dict, int | None]:
                 start = time.perf_counter()
                 loss, grad_norm, lr = train_step(run)
                 row = {"step": run.step, "epoch": run.step / steps_per_epoch, "train_loss": loss,
-                       "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_second(run, start)}  # fmt: skip
+                       "lr": lr, "grad_norm": grad_norm, **throughput(run, start)}  # fmt: skip
                 if run.log and (run.step % args.eval_interval == 0 or run.step == max_steps):
                     evaluate_and_sample(run, row)
                     bar.write(f"step {run.step}: train loss {loss:.3f}, val loss "
                               f"{row['val_loss']:.3f} (perplexity {format_perplexity(row['val_loss'])})")  # fmt: skip
                 if run.log:
                     run.log.append(row)
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_sec']:,.0f}")
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_sec']:,.0f}",
+                                    mfu=f"{row['mfu']:.1%}")  # fmt: skip
                     bar.update()
                 stopping = all_agree_to_stop(run, stop.requested)
                 if run.step % save_every == 0 or run.step == max_steps or stopping:
@@ -582,10 +617,13 @@ def output_folder(args, rank: int) -> RunFolder | contextlib.nullcontext:
     return RunFolder(args.out_dir, args.resume, args.overwrite)
 
 
-def tokens_per_second(run: Run, start: float) -> float:
-    if run.device.type == "cuda":
-        torch.cuda.synchronize()  # the step's kernels are queued, not finished
-    return run.args.batch_size * run.cfg.context_length / (time.perf_counter() - start)
+def throughput(run: Run, start: float) -> dict:
+    """Tokens per second of the step that began at ``start``, and the model FLOPs utilisation of
+    each device (``src/flops.py``)."""
+    synchronize(run.device)  # a GPU's kernels are queued, not finished
+    tokens_per_sec = run.args.batch_size * run.cfg.context_length / (time.perf_counter() - start)
+    return {"tokens_per_sec": tokens_per_sec,
+            "mfu": mfu(tokens_per_sec / run.world_size, run.cfg, run.peak_flops)}  # fmt: skip
 
 
 # --8<-- [end:train]
@@ -608,8 +646,10 @@ def _main(args) -> int:
               file=sys.stderr)  # fmt: skip
         return 128 + stopped
     if last.get("val_loss") is not None:
+        utilisation = f", MFU {last['mfu']:.1%}" if last.get("mfu") else ""
         print(f"final validation loss {last['val_loss']:.3f}, perplexity "
-              f"{format_perplexity(last['val_loss'])}; outputs in {args.out_dir}", file=sys.stderr)  # fmt: skip
+              f"{format_perplexity(last['val_loss'])}{utilisation}; outputs in {args.out_dir}",
+              file=sys.stderr)  # fmt: skip
     return 0
 
 

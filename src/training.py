@@ -10,7 +10,8 @@ takes exactly the same step.
   fp16 (with a gradient scaler) on GPU only.
 - **Loss**: ``cross_entropy`` over every position, and ``perplexity = exp(loss)``.
 - **Optimizer**: ``adamw`` decays matrices (linear weights, embeddings) and leaves vectors
-  (biases, LayerNorm scale and shift) alone.
+  (biases, LayerNorm scale and shift) alone; ``muon`` orthogonalises the updates of the blocks'
+  matrices and steps the rest with AdamW.
 - **Schedule**: ``Schedule``: linear warmup, then cosine decay to ``min_lr``.
 - **The step**: ``optimizer_step``: accumulate, scale, unscale, clip, step, zero.
 """
@@ -116,6 +117,89 @@ def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW
 
 
 # --8<-- [end:optimizer]
+
+
+# --8<-- [start:muon]
+def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """``G`` with every singular value moved close to 1: about ``U V^T`` of its SVD ``U S V^T``,
+    the semi-orthogonal matrix nearest to it, by five steps of an odd polynomial (Jordan et al.)."""
+    a, b, c = 3.4445, -4.7750, 2.0315  # p(s) = a s + b s^3 + c s^5 pulls (0, 1] towards 1 fast
+    X = G / (G.norm() + 1e-7)  # every singular value <= 1 (the Frobenius norm bounds them)
+    wide = X.shape[0] <= X.shape[1]
+    X = X if wide else X.T  # (rows <= cols): X X^T is the smaller square
+    for _ in range(steps):
+        A = X @ X.T  # U S^2 U^T
+        X = a * X + (b * A + c * A @ A) @ X  # U p(S) V^T: p on every singular value at once
+    return X if wide else X.T
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the weight matrices of the blocks, AdamW for every other parameter.
+
+    A group with ``muon=True`` steps by its momentum, orthogonalised: the update moves every
+    direction of the matrix by the same amount, where the raw gradient of a transformer's matrix is
+    dominated by a few. The update is scaled to an RMS of 0.2 (Liu et al., 2025), about AdamW's, so
+    that one learning rate and one schedule serve both kinds of group. Weight decay is decoupled,
+    as in AdamW, in both. The state holds tensors and numbers only: it saves and loads like AdamW's.
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.95,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):  # fmt: skip
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, betas=betas, eps=eps,
+                        muon=False)  # fmt: skip
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            update = self._muon if group["muon"] else self._adamw
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled decay
+                p.add_(update(p, group), alpha=-group["lr"])
+
+    def _muon(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        state, mu = self.state[p], group["momentum"]
+        buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+        buf.mul_(mu).add_(p.grad)  # m = mu m + g
+        nesterov = p.grad.add(buf, alpha=mu)  # g + mu m: the momentum one step ahead
+        return newton_schulz(nesterov) * (0.2 * max(p.shape) ** 0.5)  # RMS 1/sqrt(max) -> 0.2
+
+    def _adamw(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        state, (beta1, beta2) = self.state[p], group["betas"]
+        state["step"] = state.get("step", 0) + 1
+        m = state.setdefault("exp_avg", torch.zeros_like(p))
+        v = state.setdefault("exp_avg_sq", torch.zeros_like(p))
+        m.lerp_(p.grad, 1 - beta1)  # m = beta1 m + (1 - beta1) g
+        v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
+        m_hat = m / (1 - beta1 ** state["step"])  # bias correction: m and v start at zero
+        v_hat = v / (1 - beta2 ** state["step"])
+        return m_hat / (v_hat.sqrt() + group["eps"])
+
+
+def muon(model: nn.Module, lr: float, weight_decay: float) -> Muon:
+    """Muon on the matrices of every linear layer but the output head; AdamW, with the same
+    decay rule as ``adamw``, on the embeddings, the head and the vectors.
+
+    The embeddings and the head are matrices too, but not maps between hidden states: a row of the
+    embedding is looked up, not multiplied, and the head's rows are scored one token each."""
+    matrices = [m.weight for m in model.modules()
+                if isinstance(m, nn.Linear) and m is not model.out_head and m.weight.requires_grad]  # fmt: skip
+    chosen = {id(p) for p in matrices}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
+    groups = [
+        {"params": matrices, "weight_decay": weight_decay, "muon": True},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return Muon(groups, lr=lr)
+
+
+OPTIMIZERS = {"adamw": adamw, "muon": muon}
+
+
+# --8<-- [end:muon]
 
 
 # --8<-- [start:schedule]

@@ -2,6 +2,7 @@
 stale, damage detected and repaired), the train/val split, sliding windows and the batching rule."""
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from src.data import (
     GPTDataset,
     _chunks,
     load_corpus,
+    python_stdlib_files,
     split_tokens,
     step_batch,
     tokenize_cached,
@@ -35,6 +37,24 @@ def test_default_corpus_is_offline_python_documentation():
     assert corpus.name == "python-docs" and len(corpus.text) > 400_000
     assert 'The "if" statement' in corpus.text
     assert corpus.fingerprint == hashlib.sha256(corpus.text.encode()).hexdigest()
+
+
+def test_the_standard_library_corpus_is_its_source_in_path_order():
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [f.relative_to(root).as_posix() for f in python_stdlib_files()]
+    assert files == sorted(files) and len(files) > 1000
+    assert "json/decoder.py" in files and "test/test_json/test_decode.py" in files
+    assert not [f for f in files if "site-packages" in f or "_sysconfigdata" in f]
+    corpus = load_corpus("python-stdlib")
+    assert (
+        corpus.name == "python-stdlib" and len(corpus.text) > 20_000_000
+    )  # several million tokens
+    assert corpus.text.count("<|endoftext|>") >= len(files) - 10  # one document per file
+    assert "class JSONDecoder" in corpus.text
+    assert corpus.fingerprint == hashlib.sha256(corpus.text.encode()).hexdigest()
+    assert python_stdlib_files() == python_stdlib_files()  # the same files, the same order
 
 
 def test_file_and_directory_corpora(tmp_path):

@@ -28,8 +28,17 @@ from src.checkpoints import (
 from src.cli import read_jsonl
 from src.data import GPTDataset
 from src.errors import NonFiniteLossError, UserError
+from src.flops import peak_matmul_flops, training_flops_per_token
 from src.model import GPTConfig, GPTModel
-from src.training import Schedule, adamw, check_finite, cross_entropy, perplexity
+from src.training import (
+    Schedule,
+    adamw,
+    check_finite,
+    cross_entropy,
+    muon,
+    newton_schulz,
+    perplexity,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
@@ -203,6 +212,92 @@ def test_optimizer_state_is_loaded_without_pickle_code(tmp_path):
         load_optimizer(ckpt, opt)
 
 
+# --- Muon ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (96, 160)])
+def test_newton_schulz_moves_every_singular_value_near_one(shape):
+    G = torch.randn(shape, dtype=torch.float64)
+    orth = newton_schulz(G)
+    assert orth.shape == G.shape
+    s = torch.linalg.svdvals(orth)
+    assert 0.6 < s.min() and s.max() < 1.25  # the quintic does not converge: it lands in a band
+    # Independent reference: U V^T from the SVD, the nearest semi-orthogonal matrix.
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    polar = U @ Vh
+    assert (orth * polar).sum() / (orth.norm() * polar.norm()) > 0.98
+
+
+def test_muon_orthogonalises_the_blocks_matrices_only():
+    model = GPTModel(GPTConfig.from_preset("cpu-tiny"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    matrices, decay, no_decay = (
+        {names[id(p)] for p in g["params"]} for g in muon(model, 1e-3, 0.1).param_groups
+    )
+    assert matrices and all(n.startswith("trf_blocks.") and n.endswith("weight") for n in matrices)
+    assert len(matrices) == 6 * model.cfg.n_layers  # query, key, value, out_proj, fc, proj
+    assert decay == {"tok_emb.weight", "pos_emb.weight", "out_head.weight"}
+    assert all(n.endswith(("bias", "scale", "shift")) for n in no_decay)
+    assert len(matrices | decay | no_decay) == len(names)
+
+
+def _random_grads(model, generator):
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator)
+
+
+def test_muon_steps_the_other_parameters_like_torch_adamw():
+    torch.manual_seed(0)
+    ours_model = GPTModel(GPTConfig.from_preset("cpu-tiny"))
+    ref_model = GPTModel(GPTConfig.from_preset("cpu-tiny"))
+    ref_model.load_state_dict(ours_model.state_dict())
+    ours = muon(ours_model, lr=1e-2, weight_decay=0.1)
+    _, decay, no_decay = ours.param_groups
+    index = {id(p): i for i, p in enumerate(ours_model.parameters())}
+    ref_params = list(ref_model.parameters())
+    ref = torch.optim.AdamW([{"params": [ref_params[index[id(p)]] for p in g["params"]],
+                              "weight_decay": g["weight_decay"]} for g in (decay, no_decay)],
+                            lr=1e-2)  # fmt: skip
+    for step in range(3):
+        _random_grads(ours_model, torch.Generator().manual_seed(step))
+        _random_grads(ref_model, torch.Generator().manual_seed(step))
+        ours.step()
+        ref.step()
+    for g in (decay, no_decay):
+        for p in g["params"]:
+            torch.testing.assert_close(p, ref_params[index[id(p)]], rtol=1e-5, atol=1e-6)
+
+
+def test_a_muon_update_has_the_rms_of_an_adamw_update():
+    model = GPTModel(GPTConfig.from_preset("cpu-tiny"))
+    optimizer = muon(model, lr=1e-3, weight_decay=0.0)
+    before = [p.clone() for p in optimizer.param_groups[0]["params"]]
+    _random_grads(model, torch.Generator().manual_seed(0))
+    optimizer.step()
+    for old, p in zip(before, optimizer.param_groups[0]["params"], strict=True):
+        rms = ((p - old) / 1e-3).pow(2).mean().sqrt().item()
+        assert 0.12 < rms < 0.25  # 0.2 for exactly orthogonal; Newton-Schulz lands near it
+
+
+def test_muon_state_saves_and_loads_to_the_same_steps(tmp_path):
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("cpu-tiny", vocab_size=64, context_length=16))
+    optimizer = muon(model, 1e-2, 0.1)
+    for step in range(2):
+        _random_grads(model, torch.Generator().manual_seed(step))
+        optimizer.step()
+    save_checkpoint(tmp_path, model, optimizer, None, {"step": 2, "config": model.cfg.to_dict()})
+    fresh = GPTModel(model.cfg)
+    fresh_optimizer = muon(fresh, 1e-2, 0.1)
+    load_weights(find_checkpoint(tmp_path), fresh)
+    load_optimizer(find_checkpoint(tmp_path), fresh_optimizer)  # weights_only, like AdamW's
+    for m, opt in ((model, optimizer), (fresh, fresh_optimizer)):
+        _random_grads(m, torch.Generator().manual_seed(9))
+        opt.step()
+    for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # --- the CLI -------------------------------------------------------------------------------
 
 
@@ -218,6 +313,11 @@ def test_cli_end_to_end(tmp_path, corpus, capsys, private_cache):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0  # it learns
     assert evals[-1]["val_perplexity"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
     assert all(r["tokens_per_sec"] > 0 and r["lr"] > 0 for r in rows[1:])
+    # MFU: the model's FLOPs at the step's speed over the peak measured (and cached) for this run.
+    peak = peak_matmul_flops(torch.device("cpu"), torch.float32)
+    cfg = load_model(out, torch.device("cpu"))[0].cfg
+    for r in rows[1:]:
+        assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * training_flops_per_token(cfg) / peak)
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "samples.txt").read_text().count("--- step") == 4
     model, tokenizer, meta = load_model(out, torch.device("cpu"))
@@ -296,6 +396,35 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, corpus, env, uninterru
     assert f"resuming at step {stopped_at}" in res.stderr
     assert losses_by_step(tmp_path) == uninterrupted  # exactly, step by step
     assert [r["step"] for r in metrics(tmp_path)] == list(range(25))
+
+
+@pytest.mark.slow
+def test_a_muon_run_resumes_to_the_same_losses(tmp_path, corpus, env, uninterrupted):
+    args = [*resume_args(corpus), "--optimizer", "muon"]
+    full = tmp_path / "full"
+    assert run_cli([*args, "--out-dir", str(full)], env).returncode == 0
+    stopped = tmp_path / "stopped"
+    _interrupt(stopped, [*args, "--out-dir", str(stopped)], env, signal.SIGTERM, after_step=5)
+    stopped_at = json.loads((find_checkpoint(stopped) / "checkpoint.json").read_text())["step"]
+    assert 4 <= stopped_at < 24
+    res = run_cli([*args, "--out-dir", str(stopped), "--resume"], env)
+    assert res.returncode == 0, res.stderr
+    assert losses_by_step(stopped) == losses_by_step(full)  # exactly, step by step
+    assert losses_by_step(full) != uninterrupted  # the same run with AdamW: it was Muon
+
+
+def test_activation_checkpointing_trains_the_same_model(tmp_path, corpus, private_cache):
+    args = [*TINY, "--data", str(corpus), "--dropout", "0.1", "--max-steps", "6",
+            "--eval-interval", "6"]  # fmt: skip
+    plain, recomputed = tmp_path / "plain", tmp_path / "recomputed"
+    assert train_cli.main([*args, "--out-dir", str(plain)]) == 0
+    assert train_cli.main([*args, "--activation-checkpointing", "--out-dir", str(recomputed)]) == 0
+    a, b = losses_by_step(plain), losses_by_step(recomputed)
+    assert a.keys() == b.keys() == set(range(1, 7))
+    for step in a:  # the same dropout draws, recomputed; only the order of sums may differ
+        assert b[step] == pytest.approx(a[step], rel=1e-5)
+    val = [[r["val_loss"] for r in metrics(d) if "val_loss" in r] for d in (plain, recomputed)]
+    assert val[1] == pytest.approx(val[0], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -397,6 +526,8 @@ def test_resume_with_another_config_or_tokenizer(tmp_path, corpus, capsys, priva
     assert code != 0 and "another tokenizer" in line
     code, line = _error(capsys, [*base[:-1], str(tmp_path / "nothing"), "--resume"])
     assert code != 0 and "no checkpoint" in line
+    code, line = _error(capsys, [*base, "--resume", "--optimizer", "muon"])
+    assert code != 0 and "trained with --optimizer adamw" in line
 
 
 @pytest.mark.slow
