@@ -36,7 +36,7 @@ class GPTConfig:
     n_layers: int = 12  # transformer blocks
     drop_rate: float = 0.1  # dropout on embeddings, attention weights and residual branches
     qkv_bias: bool = False  # biases on the query/key/value projections (GPT-2 has them)
-    attn_impl: str = "eager"  # "eager" | "fused" | "sdpa" (see src/attention.py)
+    attn_impl: str = "eager"  # "eager" | "fused" | "sdpa" | "flash" (see src/attention.py)
     tie_weights: bool = False  # share the token embedding with the output head (GPT-2 does)
 
     def __post_init__(self):

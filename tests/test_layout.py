@@ -12,7 +12,7 @@ from conftest import REPO
 ORDER = [
     "errors", "files",  # what every part shares: the user's mistakes, file chores
     "tokenizer", "data",  # text -> token ids -> batches
-    "fused_softmax", "attention", "model",  # the kernel, attention, the GPT
+    "fused_softmax", "flash_attention", "attention", "model",  # the kernels, attention, the GPT
     "training", "checkpoints",  # how a model takes a step; its state on disk
     "gpt2", "lora",  # published weights; low-rank adapters
     "cli",  # what the commands share
