@@ -276,9 +276,7 @@ def classification(tmp: Path) -> str:
 def scaling_out(tmp: Path) -> str:
     # Train the tokenizer before the processes start: both would otherwise train it at once.
     corpus = load_corpus()
-    tokenize_cached(
-        corpus, train_tokenizer_cached(corpus, 1024, cache_dir()), cache_dir()
-    )
+    tokenize_cached(corpus, train_tokenizer_cached(corpus, 1024, cache_dir()), cache_dir())
     flags = [
         "-m", "src.train", "--preset", "cpu-tiny", "--vocab-size", "1024", "--batch-size", "8",
         "--lr", "3e-3", "--warmup-steps", "5", "--max-steps", "30", "--eval-interval", "10",

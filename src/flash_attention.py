@@ -49,7 +49,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.gpt_flash.causal_attention_backward(grad_out, q, k, v, out, lse, ctx.scale)
+    dq, dk, dv = torch.ops.gpt_flash.causal_attention_backward(
+        grad_out, q, k, v, out, lse, ctx.scale
+    )
     return dq, dk, dv, None
 
 
