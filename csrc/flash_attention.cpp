@@ -30,6 +30,7 @@
 #include <tuple>
 #include <vector>
 
+#include "attention_checks.h"
 #include "attention_common.h"
 
 namespace {
@@ -138,19 +139,6 @@ void tile_mm(const Operands<acc_t>& o, int64_t rows, int64_t ncols, int64_t K, C
   }
 }
 // --8<-- [end:tile_mm]
-
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k and v must be (B, H, T, D), got ",
-              q.sizes(), ", ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(3) == k.size(3),
-              "q ", q.sizes(), " and k ", k.sizes(), " must agree in B, T and D");
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "the ", q.size(1),
-              " query heads must be a multiple of the ", k.size(1), " key/value heads");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "q, k and v must have the same dtype");
-  TORCH_CHECK(scale > 0, "scale must be positive, got ", scale);
-}
 
 // The sizes every loop needs, computed once.
 struct Shape {
@@ -500,12 +488,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, double scale) {
   check_inputs(q, k, v, scale);
-  TORCH_CHECK(grad.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad ", grad.sizes(), " and out ",
-              out.sizes(), " must have the shape of q ", q.sizes());
-  TORCH_CHECK(grad.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "grad and out must have the dtype of q");
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
-              "lse must be (B, H, T), got ", lse.sizes());
+  check_backward_inputs(grad, q, out, lse);
   // Gradients laid out like their inputs (never written into grad): a transposed view stays free.
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (q.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
