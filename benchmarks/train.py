@@ -2,20 +2,32 @@
 
 The model is the default ``cpu-small`` preset (4 layers, 4 heads, emb 256, vocab 8192), the size of
 nanoGPT's small reference model, at three context lengths with the same number of tokens per step:
-context 256 x batch 8 (the default run), 512 x 4 and 1024 x 2. For each shape the three attention
-paths (``eager``, ``fused``, ``sdpa``) train copies of the same model on the same batch, one step each
-in turn, repeated; the median step time is kept. Interleaving means a burst of load from another
+context 256 x batch 8 (the default run), 512 x 4 and 1024 x 2. For each shape the four attention
+paths (``eager``, ``fused``, ``sdpa``, ``flash``) train copies of the same model on the same batch,
+one step each in turn, repeated; the median step time is kept. Interleaving means a burst of load from another
 process slows every path alike, so the ratios hold even on a busy machine.
 
 It also times the attention core alone (``attend``: scores, causal softmax, weights @ values, with
 its backward) at each shape, times the number of layers, to say what share of a step attention is.
 
+Then the same step against nanoGPT's ``model.py`` (Karpathy), on its small reference configuration
+(4 layers, 4 heads, emb 256, vocab 8192, context 256, batch 8, AdamW as its
+``configure_optimizers`` builds it), in the same process and interleaved: our model as the book
+writes it, then with each speed option (fused LayerNorm/GELU, tied weights, flash attention). nanoGPT
+is not part of this repository: ``--nanogpt PATH`` (or ``$NANOGPT``) names a checkout, and without
+one its row is left out.
+
     uv run python benchmarks/train.py                 # docs/assets/train-benchmark.json and .md
+    uv run python benchmarks/train.py --nanogpt ~/src/nanoGPT   # and docs/assets/train-nanogpt.md
     uv run python benchmarks/train.py --repeats 3     # quicker, noisier
 """
 
 import argparse
+import contextlib
+import importlib.util
+import io
 import json
+import os
 import statistics
 import sys
 import time
@@ -24,18 +36,28 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src import fused_softmax
+from src import flash_attention
 from src.model import GPTConfig, GPTModel
 from src.training import adamw, cross_entropy
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "assets" / "train-benchmark.json"
 SHAPES = [(256, 8), (512, 4), (1024, 2)]  # (context length, batch): 2,048 tokens per step
-IMPLS = ["eager", "fused", "sdpa"]
+IMPLS = ["eager", "fused", "sdpa", "flash"]
+# Our model's variants against nanoGPT's: the book's layers, then each speed option, then all.
+VARIANTS = {
+    "ours, as written (sdpa)": {"attn_impl": "sdpa"},
+    "ours + fused LayerNorm/GELU": {"attn_impl": "sdpa", "fused_layers": True},
+    "ours + tied weights": {"attn_impl": "sdpa", "tie_weights": True},
+    "ours + both": {"attn_impl": "sdpa", "fused_layers": True, "tie_weights": True},
+    "ours + both + flash": {"attn_impl": "flash", "fused_layers": True, "tie_weights": True},
+}
 
 
-def make_trainer(impl: str, context_length: int):
+def make_trainer(impl: str, context_length: int, **options):
     torch.manual_seed(0)
-    cfg = GPTConfig.from_preset("cpu-small", context_length=context_length, attn_impl=impl)
+    cfg = GPTConfig.from_preset(
+        "cpu-small", context_length=context_length, attn_impl=impl, **options
+    )
     model = GPTModel(cfg).train()
     return model, adamw(model, lr=1e-4, weight_decay=0.1)
 
@@ -47,6 +69,51 @@ def train_step(model, optimizer, x, y) -> float:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
+
+
+def nanogpt_trainer(path: Path):
+    """nanoGPT's GPT and AdamW from the model.py of a checkout, on the reference configuration."""
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    config = module.GPTConfig(block_size=256, vocab_size=8192, n_layer=4, n_head=4, n_embd=256,
+                              dropout=0.0)  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter counts
+        model = module.GPT(config).train()
+        optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), "cpu")
+
+    def step(x, y) -> float:
+        t0 = time.perf_counter()
+        _, loss = model(x, y)  # nanoGPT's forward returns the loss with the logits
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    return step
+
+
+def versus_nanogpt(path: Path | None, repeats: int) -> list[dict]:
+    """Tokens/s of one training step, context 256 x batch 8: nanoGPT's model (if ``path``) and
+    ours in each variant, interleaved step by step; the first two rounds warm up."""
+    steps = {}
+    if path is not None:
+        steps["nanoGPT model.py (sdpa)"] = nanogpt_trainer(path)
+    for name, options in VARIANTS.items():
+        model, opt = make_trainer(options["attn_impl"], 256, **{k: v for k, v in options.items()
+                                                                 if k != "attn_impl"})  # fmt: skip
+        steps[name] = lambda x, y, model=model, opt=opt: train_step(model, opt, x, y)
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, 8192, (8, 256), generator=g) for _ in range(2))
+    times = {name: [] for name in steps}
+    for i in range(repeats + 2):
+        for name, step in steps.items():
+            elapsed = step(x, y)
+            if i >= 2:
+                times[name].append(elapsed)
+    return [{"model": name, "tokens_per_sec": 8 * 256 / statistics.median(t)}
+            for name, t in times.items()]  # fmt: skip
 
 
 def attention_core_time(model, B: int, T: int) -> float:
@@ -87,8 +154,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per path and shape")
     parser.add_argument("--out", type=Path, default=OUT, help="where the JSON results go")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument(
+        "--nanogpt",
+        type=Path,
+        default=os.environ.get("NANOGPT"),
+        help="a nanoGPT checkout (its model.py) to compare the step with (default: $NANOGPT)",
+    )
     args = parser.parse_args()
-    fused_softmax.ensure_available()  # a benchmark of the fused path must not fall back silently
+    if args.nanogpt is not None and not (args.nanogpt / "model.py").is_file():
+        parser.error(f"--nanogpt {args.nanogpt}: no model.py there")
+    torch.set_num_threads(args.threads)
+    flash_attention.ensure_available()  # the fused and flash paths must not fall back silently
     results = {
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -97,36 +174,40 @@ def main() -> None:
         "shapes": [],
     }
     print(f"cpu-small, {results['threads']} threads, median of {args.repeats} steps")
-    print(f"{'context x batch':>16} | {'eager':>12} | {'fused':>12} | {'sdpa':>12} | "
-          f"fused/eager | fused/sdpa | attention share (eager, fused, sdpa)")  # fmt: skip
+    print(" | ".join(f"{c:>12}" for c in ["context x batch", *IMPLS])
+          + " | flash/sdpa | attention share (eager, fused, sdpa, flash)")  # fmt: skip
     for T, B in SHAPES:
         r = bench_shape(T, B, args.repeats)
         results["shapes"].append(r)
         tps = {impl: r[impl]["tokens_per_sec"] for impl in IMPLS}
         shares = ", ".join(f"{100 * r[impl]['attention_share']:.0f}%" for impl in IMPLS)
-        print(f"{T:>10} x {B:<3} | " + " | ".join(f"{tps[i]:>8,.0f} t/s" for i in IMPLS)
-              + f" | {tps['fused'] / tps['eager']:>10.2f}x | {tps['fused'] / tps['sdpa']:>9.2f}x"
-              + f" | {shares}", flush=True)  # fmt: skip
+        print(f"{T:>8} x {B:<3} | " + " | ".join(f"{tps[i]:>8,.0f} t/s" for i in IMPLS)
+              + f" | {tps['flash'] / tps['sdpa']:>9.2f}x | {shares}", flush=True)  # fmt: skip
+    results["nanogpt"] = versus_nanogpt(args.nanogpt, args.repeats)
+    for row in results["nanogpt"]:
+        print(f"{row['model']:>32}: {row['tokens_per_sec']:8,.0f} tokens/s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(to_markdown(results))
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    versus = args.out.with_name(args.out.stem.replace("benchmark", "nanogpt") + ".md")
+    versus.write_text(nanogpt_markdown(results))
+    print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {versus}")
 
 
 def to_markdown(results: dict) -> str:
     """The table the Pretraining chapter includes: tokens/s per path and shape, and the ratios."""
     lines = [
-        "| context x batch | eager (tokens/s) | fused | sdpa | fused / eager | fused / sdpa "
-        "| attention share (eager, fused, sdpa) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| context x batch | eager (tokens/s) | fused | sdpa | flash | fused / eager | flash / sdpa "
+        "| attention share (eager, fused, sdpa, flash) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results["shapes"]:
         tps = {impl: r[impl]["tokens_per_sec"] for impl in IMPLS}
         shares = ", ".join(f"{100 * r[impl]['attention_share']:.0f}%" for impl in IMPLS)
         lines.append(
             f"| {r['context_length']} x {r['batch_size']} | {tps['eager']:,.0f} "
-            f"| {tps['fused']:,.0f} | {tps['sdpa']:,.0f} | {tps['fused'] / tps['eager']:.2f}x "
-            f"| {tps['fused'] / tps['sdpa']:.2f}x | {shares} |"
+            f"| {tps['fused']:,.0f} | {tps['sdpa']:,.0f} | {tps['flash']:,.0f} "
+            f"| {tps['fused'] / tps['eager']:.2f}x | {tps['flash'] / tps['sdpa']:.2f}x | {shares} |"
         )
     lines += [
         "",
@@ -138,3 +219,25 @@ def to_markdown(results: dict) -> str:
 
 if __name__ == "__main__":
     main()
+
+
+def nanogpt_markdown(results: dict) -> str:
+    """Our step against nanoGPT's on its reference configuration, one row per variant."""
+    rows = results["nanogpt"]
+    nano = next((r["tokens_per_sec"] for r in rows if r["model"].startswith("nanoGPT")), None)
+    lines = ["| model (context 256 x batch 8) | tokens/s | vs nanoGPT | vs ours as written |",
+             "| --- | ---: | ---: | ---: |"]  # fmt: skip
+    written = next(r["tokens_per_sec"] for r in rows if r["model"].startswith("ours, as written"))
+    for r in rows:
+        vs = f"{r['tokens_per_sec'] / nano:.2f}x" if nano else "-"
+        lines.append(f"| {r['model']} | {r['tokens_per_sec']:,.0f} | {vs} "
+                     f"| {r['tokens_per_sec'] / written:.2f}x |")  # fmt: skip
+    lines += [
+        "",
+        f"*Made by `uv run python benchmarks/train.py --nanogpt PATH` ({results['threads']} "
+        f"threads, torch {results['torch']}, {results['cpu_capability']}, median of "
+        f"{results['repeats']} steps, interleaved; "
+        + ("nanoGPT's model.py from the checkout at PATH" if nano else "no nanoGPT checkout given")
+        + ").*",
+    ]
+    return "\n".join(lines) + "\n"

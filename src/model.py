@@ -18,6 +18,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from src.attention import ATTN_IMPLS, KVCache, MultiHeadAttention
@@ -38,6 +39,9 @@ class GPTConfig:
     qkv_bias: bool = False  # biases on the query/key/value projections (GPT-2 has them)
     attn_impl: str = "eager"  # "eager" | "fused" | "sdpa" | "flash" (see src/attention.py)
     tie_weights: bool = False  # share the token embedding with the output head (GPT-2 does)
+    # LayerNorm and GELU as one PyTorch kernel each (F.layer_norm, F.gelu): the same functions as
+    # the written-out layers below, computed in one pass instead of one per operation.
+    fused_layers: bool = False
 
     def __post_init__(self):
         """A shape that cannot be built is refused here, the one place that knows the fields."""
@@ -87,13 +91,16 @@ PRESETS: dict[str, GPTConfig] = {
 class LayerNorm(nn.Module):
     """Normalise each vector to zero mean and unit variance, then scale and shift it (learned)."""
 
-    def __init__(self, emb_dim: int, eps: float = 1e-5):
+    def __init__(self, emb_dim: int, eps: float = 1e-5, fused: bool = False):
         super().__init__()
         self.eps = eps  # keeps the division finite when a vector is constant
+        self.fused = fused  # one PyTorch kernel for the same function
         self.scale = nn.Parameter(torch.ones(emb_dim))
         self.shift = nn.Parameter(torch.zeros(emb_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
         mean = x.mean(dim=-1, keepdim=True)
         var = x.var(dim=-1, keepdim=True, unbiased=False)  # biased, as GPT-2 and nn.LayerNorm
         return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
@@ -106,7 +113,13 @@ class LayerNorm(nn.Module):
 class GELU(nn.Module):
     """GELU, x * Phi(x), with the tanh approximation that GPT-2 was trained with."""
 
+    def __init__(self, fused: bool = False):
+        super().__init__()
+        self.fused = fused  # one PyTorch kernel for the same approximation
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return F.gelu(x, approximate="tanh")
         return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
@@ -120,7 +133,7 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)  # widen
-        self.gelu = GELU()
+        self.gelu = GELU(fused=cfg.fused_layers)
         self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)  # back to the residual stream
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,8 +159,8 @@ class TransformerBlock(nn.Module):
             attn_impl=cfg.attn_impl,
         )
         self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg.emb_dim)
-        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.norm1 = LayerNorm(cfg.emb_dim, fused=cfg.fused_layers)
+        self.norm2 = LayerNorm(cfg.emb_dim, fused=cfg.fused_layers)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -171,7 +184,7 @@ class GPTModel(nn.Module):
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.final_norm = LayerNorm(cfg.emb_dim, fused=cfg.fused_layers)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
         if cfg.tie_weights:
