@@ -38,7 +38,7 @@ namespace {
 using namespace gpt_attention;
 
 constexpr int64_t BQ = 64;  // query rows per tile
-constexpr int64_t BK = 64;  // key columns per tile
+constexpr int64_t BK = 128;  // key columns per tile
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int MR = 6, MNC = 4;  // 24 accumulators and 4 loaded vectors of the 32 zmm registers
 #else
@@ -158,9 +158,15 @@ Shape shape_of(const at::Tensor& q, const at::Tensor& k) {
 // Values (or keys) as rows, (Tk, Dp). Zeros pad the head dimension and the last tile.
 template <typename scalar_t, typename acc_t>
 void pack_transposed(const scalar_t* src, int64_t st, int64_t sd, const Shape& s, acc_t* dst) {
-  std::fill(dst, dst + s.Dp * s.Tk, acc_t(0));
-  for (int64_t t = 0; t < s.T; ++t)
-    for (int64_t c = 0; c < s.D; ++c) dst[c * s.Tk + t] = static_cast<acc_t>(src[t * st + c * sd]);
+  constexpr int64_t TB = 16;  // keys per block: 16 rows read, one cache line of each column written
+  for (int64_t t0 = 0; t0 < s.Tk; t0 += TB) {
+    const int64_t tn = std::clamp<int64_t>(s.T - t0, 0, TB);
+    for (int64_t c = 0; c < s.Dp; ++c) {
+      acc_t* out = dst + c * s.Tk + t0;
+      for (int64_t t = 0; t < tn; ++t) out[t] = c < s.D ? static_cast<acc_t>(src[(t0 + t) * st + c * sd]) : acc_t(0);
+      std::fill(out + tn, out + TB, acc_t(0));
+    }
+  }
 }
 
 template <typename scalar_t, typename acc_t>
