@@ -25,13 +25,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 from src.data import (
-    default_cache_dir,
-    get_batch,
     load_corpus,
     split_tokens,
     tokenize_cached,
     train_tokenizer_cached,
 )
+from src.files import cache_dir
 from src.model import GPTConfig, GPTModel
 from src.tokenizer import BPETokenizer
 from src.training import adamw, cross_entropy
@@ -42,11 +41,22 @@ TINY = GPTConfig(
 )
 
 
+def get_batch(tokens: np.ndarray, batch_size: int, T: int, generator: torch.Generator):
+    """``batch_size`` windows of T + 1 tokens at random offsets, as inputs and shifted targets: the
+    random windows these experiments were written with (the trainer uses one batching rule of its
+    own, ``src.data``)."""
+    starts = torch.randint(len(tokens) - T, (batch_size,), generator=generator)
+    batch = torch.from_numpy(
+        np.stack([tokens[s : s + T + 1].astype(np.int64) for s in starts.tolist()])
+    )
+    return batch[:, :-1], batch[:, 1:]
+
+
 def corpus_tokens(vocab_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Train and validation tokens of the default corpus, with a small BPE trained on it."""
     corpus = load_corpus()
-    tokenizer = train_tokenizer_cached(corpus, vocab_size, default_cache_dir())
-    return split_tokens(tokenize_cached(corpus, tokenizer, default_cache_dir()))
+    tokenizer = train_tokenizer_cached(corpus, vocab_size, cache_dir())
+    return split_tokens(tokenize_cached(corpus, tokenizer, cache_dir()))
 
 
 def train(
@@ -365,6 +375,81 @@ def narrow_accumulator() -> str:
         ],
         rows,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Fusing the whole attention
+
+
+def tiled_attention(q, k, v, scale: float, tile: int, rescale=True, diagonal=True) -> torch.Tensor:
+    """The flash forward in plain PyTorch: query tiles against key tiles, a running maximum m and
+    sum l (``total``) per row. ``rescale=False`` forgets to shrink the output accumulated so far when m grows;
+    ``diagonal=False`` leaves out each query tile's diagonal key tile."""
+    T = q.shape[-2]
+    out = torch.empty_like(q)
+    for q0 in range(0, T, tile):
+        rows = torch.arange(q0, min(q0 + tile, T))
+        m = torch.full(q.shape[:-2] + (len(rows),), float("-inf"), dtype=q.dtype)
+        total = torch.zeros_like(m)  # l, the running sum
+        o = torch.zeros(q.shape[:-2] + (len(rows), q.shape[-1]), dtype=q.dtype)
+        last = q0 // tile if diagonal else q0 // tile - 1
+        for k0 in range(0, (last + 1) * tile, tile):
+            cols = torch.arange(k0, min(k0 + tile, T))
+            s = (q[..., rows, :] @ k[..., cols, :].transpose(-2, -1)) * scale
+            s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+            m_new = torch.maximum(m, s.amax(-1))
+            p = torch.exp(s - m_new[..., None])
+            alpha = torch.exp(m - m_new)  # exp(m - m'): 0 on the first tile
+            total = total * alpha + p.sum(-1)  # l' = l exp(m - m') + sum p
+            o = (o * alpha[..., None] if rescale else o) + p @ v[..., cols, :]
+            m = m_new
+        out[..., rows, :] = o / total[..., None]
+    return out
+
+
+def _attention_inputs(T: int) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, T, 64, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+    scores = (q @ k.transpose(-2, -1) / 8).masked_fill(mask, float("-inf"))
+    return q, k, v, torch.softmax(scores, -1) @ v  # the eager path, in float64
+
+
+def flash_no_rescale() -> str:
+    """The flash forward with and without rescaling the accumulated output when the maximum grows."""
+    rows = []
+    for T in (64, 256, 1024, 4096):
+        q, k, v, reference = _attention_inputs(T)
+        right = (tiled_attention(q, k, v, 1 / 8, 64) - reference).abs()
+        wrong = (tiled_attention(q, k, v, 1 / 8, 64, rescale=False) - reference).abs()
+        norm = tiled_attention(q, k, v, 1 / 8, 64, rescale=False).norm(dim=-1)
+        rows.append([str(T), str(T // 64), f"{right.max():.1e}", f"{wrong.max():.2f}",
+                     f"{(wrong.amax(-1) > 0.01).double().mean():.0%}",
+                     f"{(norm / reference.norm(dim=-1)).mean():.2f}"])  # fmt: skip
+    return table(
+        ["T", "key tiles of the last row", "max error, rescaled", "max error, not rescaled",
+         "rows off by > 0.01", "mean output norm / correct"],
+        rows,
+    )  # fmt: skip
+
+
+def flash_no_diagonal() -> str:
+    """The flash forward with and without each query tile's diagonal key tile."""
+    rows = []
+    for T in (64, 256, 1024):
+        q, k, v, reference = _attention_inputs(T)
+        out = tiled_attention(q, k, v, 1 / 8, 64, diagonal=False)
+        nan_rows = torch.isnan(out).any(-1)
+        rest = (out - reference).abs().amax(-1)[~nan_rows]
+        rows.append([str(T), f"{nan_rows[..., :64].double().mean():.0%}",
+                     f"{nan_rows[..., 64:].double().mean():.0%}" if T > 64 else "-",
+                     f"{rest.max():.2f}" if rest.numel() else "-",
+                     f"{(tiled_attention(q, k, v, 1 / 8, 64) - reference).abs().max():.1e}"])  # fmt: skip
+    return table(
+        ["T", "NaN rows, first tile", "NaN rows, later tiles", "max error, later rows",
+         "max error with the diagonal tile"],
+        rows,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -856,7 +941,7 @@ def unsynchronised_replicas() -> str:
 
 def per_token_decoding() -> str:
     """Decode every token on its own and join the texts, instead of decoding the joined bytes."""
-    tokenizer = train_tokenizer_cached(load_corpus(), 1024, default_cache_dir())
+    tokenizer = train_tokenizer_cached(load_corpus(), 1024, cache_dir())
     token_bytes = {rank: token for token, rank in tokenizer.mergeable_ranks.items()}
     rows = []
     for text in (
@@ -1105,6 +1190,8 @@ EXPERIMENTS: dict[str, Callable[[], str]] = {
     "learning-rate": learning_rate,
     "no-max-subtraction": no_max_subtraction,
     "narrow-accumulator": narrow_accumulator,
+    "flash-no-rescale": flash_no_rescale,
+    "flash-no-diagonal": flash_no_diagonal,
     "greedy-loops": greedy_loops,
     "high-temperature": high_temperature,
     "gpt2-layout": gpt2_layout,
