@@ -38,7 +38,9 @@ STEP = {
 
 
 def reference(q, k, v, scale):
-    weights = causal_softmax(q.double() @ k.double().transpose(-2, -1), scale, causal_mask(q.shape[2]))
+    weights = causal_softmax(
+        q.double() @ k.double().transpose(-2, -1), scale, causal_mask(q.shape[2])
+    )
     return weights @ v.double()
 
 

@@ -10,7 +10,8 @@ starts again at that step, since every earlier step has already written its file
     uv run python benchmarks/regenerate.py --skip verdict   # all but the chapter-5 run
 
 A step that needs something this machine lacks (the reference data for the chapter-5 run and the
-GPT-2 comparison, an H100 for the GPU benchmark) is skipped, and the script says why. Every output is
+GPT-2 comparison, an H100 for the GPU benchmark) is skipped, and the script says why; the training
+benchmark compares with nanoGPT when ``$NANOGPT`` names a checkout of it. Every output is
 written into ``docs/assets/``; ``git diff`` then shows what changed.
 """
 
@@ -61,6 +62,12 @@ def verdict_command() -> list[str]:
     ]  # fmt: skip
 
 
+def nanogpt_args() -> list[str]:
+    """The nanoGPT checkout to compare the training step with, if ``$NANOGPT`` names one."""
+    path = os.environ.get("NANOGPT")
+    return ["--nanogpt", path] if path else []
+
+
 @dataclass(frozen=True)
 class Step:
     name: str
@@ -75,12 +82,15 @@ STEPS = [
     Step("break-it", lambda: [["benchmarks/break_it.py"]], "break-it/*.md", 10),
     Step("tokenizer", lambda: [["benchmarks/tokenizer.py", "--repeats", "7"]],
          "tokenizer-benchmark.{json,md}", 3),
-    Step("attention", lambda: [["benchmarks/attention.py"]], "attention-benchmark.{json,md,png}", 7),
+    Step("attention", lambda: [["benchmarks/attention.py"]], "attention-benchmark.{json,md,png}", 12),
+    Step("attention-versions", lambda: [["benchmarks/attention_versions.py"]],
+         "attention-versions.{json,md}", 2),
     Step("attention-gpu",
          lambda: [["benchmarks/attention.py", "--threads", str(os.cpu_count()),
                    "--out", "docs/assets/attention-benchmark-h100"]],
          "attention-benchmark-h100.{json,md,png}", 2, needs_h100),
-    Step("train-speed", lambda: [["benchmarks/train.py"]], "train-benchmark.{json,md}", 4),
+    Step("train-speed", lambda: [["benchmarks/train.py", *nanogpt_args()]],
+         "train-{benchmark.json,benchmark.md,nanogpt.md}", 6),
     Step("generate-speed", lambda: [["benchmarks/generate.py"]], "generate-benchmark.{json,md}", 1),
     Step("default-run",
          lambda: [["-m", "src.train"], ["benchmarks/curves.py", "runs/default"]],

@@ -84,6 +84,7 @@ void mm_block(const Operands<float>& o, int64_t r0, int64_t c0, int64_t k0, int6
 }
 // --8<-- [end:micro_kernel]
 
+// --8<-- [start:dispatch]
 // The vectors left over after the blocks of MNC: one block of exactly that many.
 template <int R, int NC>
 void mm_rest(const Operands<float>& o, int64_t r0, int64_t c0, int64_t nvec, int64_t k0, int64_t k1) {
@@ -108,6 +109,8 @@ void mm_rows(int64_t rr, const Operands<float>& o, int64_t r0, int64_t ncols, in
     else mm_rows<R - 1>(rr, o, r0, ncols, k0, k1);
   }
 }
+
+// --8<-- [end:dispatch]
 
 // Which part of a tile on the diagonal is needed, for a query at row q0 + r and a key at k0 + c
 // (visible when c <= r + diag, diag = q0 - k0): the products of scores need only the visible
@@ -490,6 +493,7 @@ void backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, 
 }
 // --8<-- [end:cpu_backward]
 
+// --8<-- [start:backward_entry]
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, double scale) {
@@ -503,6 +507,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
                                   [&] { backward<scalar_t>(grad, q, k, v, out, L, scale, dq, dk, dv); });
   return {dq, dk, dv};
 }
+// --8<-- [end:backward_entry]
 
 }  // namespace
 

@@ -146,6 +146,7 @@ flash_forward_kernel(View<scalar_t> q, View<scalar_t> k, View<scalar_t> v, View<
 }
 // --8<-- [end:cuda_forward]
 
+// --8<-- [start:cuda_backward]
 // D_i = sum_c dO_ic O_ic for every row, one warp per row.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(WARP * WARPS)
@@ -159,7 +160,6 @@ flash_backward_dot_kernel(View<scalar_t> grad, View<scalar_t> out, acc_t* dd, Si
   if (threadIdx.x % WARP == 0) dd[row] = d;
 }
 
-// --8<-- [start:cuda_backward]
 // dQ_i = scale sum_j dS_ij k_j, dS_ij = p_ij (dO_i . v_j - D_i): a warp per query row, a lane per key.
 template <typename scalar_t, typename acc_t, int NU>
 __global__ void __launch_bounds__(WARP * WARPS)
