@@ -515,6 +515,12 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     ]
 
 
+def _marker(kind: str, name: str) -> str:
+    """A section marker for pymdownx.snippets in an HTML comment, so that a page can include one
+    part of the tables; spelled in two pieces here, or this file's own sections would see it."""
+    return f"<!-- {'--8' + '<--'} [{kind}:{name}] -->"
+
+
 def _ms(r: dict, key: str) -> str:
     return f"{r['ms'][key]:.1f}" if key in r["ms"] else "-"  # runs from before flash have no flash
 
@@ -527,7 +533,8 @@ def to_markdown(report: dict, threads: list[int]) -> str:
     """The run as Markdown tables, none wider than ten columns so that each fits the page."""
     softmax = [r for r in report["rows"] if r["part"] == "softmax"]
     attention = [r for r in report["rows"] if r["part"] == "attention"]
-    lines = ["**Softmax step** (B*H, T, T), median ms", ""]
+    # Each part between section markers, so that a page can include one part (pymdownx.snippets).
+    lines = [_marker("start", "softmax"), "", "**Softmax step** (B*H, T, T), median ms", ""]
     lines += _table(
         ["device", "dtype", "T", "B*H", "plain fwd", "fused fwd", "speed-up", "plain fwd+bwd",
          "fused fwd+bwd", "speed-up"],
@@ -546,6 +553,7 @@ def to_markdown(report: dict, threads: list[int]) -> str:
           f"{r['GBps']['fused fwd'] / r['GBps']['copy']:.0%}",
           f"{r['GBps']['fused bwd'] / r['GBps']['copy']:.0%}"] for r in softmax],
     )  # fmt: skip
+    lines += ["", _marker("end", "softmax"), _marker("start", "attention")]
     for step, title in (("fwd", "forward"), ("fwd+bwd", "forward+backward")):
         lines += ["", f"**Attention core** softmax(mask(q k^T / 8)) v, head dim {HEAD_DIM}, "
                   f"{title}, median ms", ""]  # fmt: skip
@@ -555,6 +563,7 @@ def to_markdown(report: dict, threads: list[int]) -> str:
               _ratio(r, f"plain {step}", f"flash {step}"), _ratio(r, f"sdpa {step}", f"flash {step}")]
              for r in attention],
         )  # fmt: skip
+    lines += ["", _marker("end", "attention"), _marker("start", "memory")]
     groups = {}
     for m in report["memory"]:
         key = (m["part"], m["device"], m["dtype"], m["T"])
@@ -575,12 +584,14 @@ def to_markdown(report: dict, threads: list[int]) -> str:
         [[p["path"], p["T"], p["threads"], f"{p['fresh_ms']:.2f}", f"{p['reused_ms']:.2f}"]
          for p in report["page_faults"]],
     )  # fmt: skip
+    lines += ["", _marker("end", "memory"), _marker("start", "targets")]
     lines += ["", "**Targets**", ""]
     lines += _table(
         ["target", "measured", "goal", "met"],
         [[t["target"], f"{t['value']:.2f}", t["goal"], "yes" if t["met"] else "no"]
          for t in report["targets"]],
     )  # fmt: skip
+    lines += ["", _marker("end", "targets")]
     return "\n".join(lines) + "\n"
 
 

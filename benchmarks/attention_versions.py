@@ -5,7 +5,8 @@ the same ``(B, H, T, D)`` float32 inputs; the script checks it against the float
 times the versions interleaved (median of the repeats) and turns each time into a FLOP rate: the
 multiply-adds of the causal half of ``q k^T`` and ``P v``, ``2 * 2 * B*H * T(T+1)/2 * D``, whichever
 version does more of them. Versions 1 and 2 run on one thread by construction; the others on
-``--threads``.
+``--threads``. As in ``benchmarks/attention.py``, freed memory is reused rather than returned to
+the system, so that no version pays page faults for fresh allocations.
 
     uv run python benchmarks/attention_versions.py            # docs/assets/attention-versions.{json,md}
     uv run python benchmarks/attention_versions.py --quick    # a smoke run into a temp dir
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from attention import reuse_pages  # benchmarks/attention.py: freed memory is reused, no page faults
 from src import flash_attention
 from src.attention import causal_mask, causal_softmax
 
@@ -70,6 +72,7 @@ def main() -> None:
     out = args.out or (Path(tempfile.gettempdir()) / "attention-versions" if args.quick else OUT)
     flash_attention.ensure_available()
     torch.set_num_threads(args.threads)
+    reuse_pages()  # as in a training loop's steady state: version 5's (T, T) tensors reuse memory
     torch.manual_seed(0)
     D, scale = 64, 1 / 8
     q, k, v = (torch.randn(1, args.heads, args.T, D) for _ in range(3))

@@ -18,6 +18,7 @@ written into ``docs/assets/``; ``git diff`` then shows what changed.
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -62,6 +63,13 @@ def verdict_command() -> list[str]:
     ]  # fmt: skip
 
 
+def needs_nvcc() -> str | None:
+    """The ptxas report compiles the CUDA kernels; running them is not needed."""
+    if torch.version.cuda is None or shutil.which("nvcc") is None:
+        return "needs nvcc and a CUDA build of torch (no GPU)"
+    return None
+
+
 def nanogpt_args() -> list[str]:
     """The nanoGPT checkout to compare the training step with, if ``$NANOGPT`` names one."""
     path = os.environ.get("NANOGPT")
@@ -89,6 +97,7 @@ STEPS = [
          lambda: [["benchmarks/attention.py", "--threads", str(os.cpu_count()),
                    "--out", "docs/assets/attention-benchmark-h100"]],
          "attention-benchmark-h100.{json,md,png}", 2, needs_h100),
+    Step("ptxas", lambda: [["benchmarks/ptxas.py"]], "flash-ptxas.md", 8, needs_nvcc),
     Step("train-speed", lambda: [["benchmarks/train.py", *nanogpt_args()]],
          "train-{benchmark.json,benchmark.md,nanogpt.md}", 6),
     Step("generate-speed", lambda: [["benchmarks/generate.py"]], "generate-benchmark.{json,md}", 1),
