@@ -36,19 +36,21 @@ import json
 import math
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.harness import markdown_table, median_times
 from src import flash_attention, fused_softmax
 from src.attention import causal_softmax
+from src.cli import Parser, positive_int, run_command
+from src.errors import UserError
+from src.files import write_atomically
 
 HEAD_DIM = 64
 # B*H*T*T, kept for every T: GPT-2 small's 12 heads at T=1024, times a batch of 8 on a GPU, where a
@@ -105,24 +107,10 @@ def peak_memory(fn, device: str) -> int:
 
 def measure(candidates: dict, repeats: int, device: str) -> dict[str, float]:
     """Median milliseconds per candidate, calls interleaved so a busy neighbour hits all alike."""
-    times = {name: [] for name in candidates}
-    for rep in range(repeats + 2):  # the first two rounds warm up
-        for name, fn in candidates.items():
-            if device == "cuda":  # events on the GPU's own clock: the kernels, not Python's waiting
-                torch.cuda.synchronize()
-                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                ms = start.elapsed_time(end)
-            else:
-                start = time.perf_counter()
-                fn()
-                ms = (time.perf_counter() - start) * 1e3
-            if rep >= 2:
-                times[name].append(ms)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {
+        name: 1e3 * seconds
+        for name, seconds in median_times(candidates, repeats, device=device).items()
+    }
 
 
 # --8<-- [start:candidates]
@@ -211,68 +199,58 @@ def softmax_bytes(T: int, dtype, device: str) -> dict[str, int]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: T=128,256, fp32, 1 thread, 2 repeats, output to a temp dir",
-    )
-    parser.add_argument(
-        "--threads", default="1,2", help="CPU thread counts to run, comma-separated (default: 1,2)"
-    )
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=7,
-        help="timed calls per candidate and shape, after 2 warm-up calls (default: 7)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help=f"output path prefix for .json/.png/.md (default: {OUT.relative_to(OUT.parents[2])}, "
-        "or a temp dir with --quick)",
-    )
-    parser.add_argument(
-        "--no-avx2",
-        action="store_true",
-        help="on an AVX-512 machine, do not measure the softmax step again with AVX2 kernels",
-    )
-    parser.add_argument("--softmax-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--from-json",
-        type=Path,
-        metavar="JSON",
-        help="measure nothing: write the .md and .png of a finished run from its JSON, beside it "
-        "(or at --out)",
-    )
-    args = parser.parse_args()
-    if args.from_json:
-        redraw(args.from_json, args.out or args.from_json.with_suffix(""))
-        return
+def thread_counts(text: str) -> list[int]:
+    """``--threads 1,2``: comma-separated positive integers."""
     try:
-        threads = [int(t) for t in args.threads.split(",")]
+        counts = [int(t) for t in text.split(",")]
     except ValueError:
-        parser.error(f"--threads must be comma-separated integers, got {args.threads!r}")
-    if args.repeats < 1 or min(threads) < 1:
-        parser.error("--repeats and --threads must be positive")
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be positive integers, comma-separated, got {text!r}"
+        )
+    return counts
+
+
+def parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: T=128,256, fp32, 1 thread, 2 repeats, output to a temp dir")  # fmt: skip
+    p.add_argument("--threads", type=thread_counts, default=[1, 2],
+                   help="CPU thread counts to run, comma-separated (default: 1,2)")  # fmt: skip
+    p.add_argument("--repeats", type=positive_int, default=7,
+                   help="timed calls per candidate and shape, after 2 warm-up calls")  # fmt: skip
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output path prefix for .json/.png/.md (default: "
+                   f"{OUT.relative_to(OUT.parents[2])}, or a temp dir with --quick)")  # fmt: skip
+    p.add_argument("--from-json", type=Path, metavar="JSON",
+                   help="measure nothing: write the .md and .png of a finished run from its JSON, "
+                   "beside it (or at --out)")  # fmt: skip
+    p.add_argument("--no-avx2", action="store_true",
+                   help="on an AVX-512 machine, do not measure the softmax step again with AVX2 kernels")  # fmt: skip
+    p.add_argument("--softmax-only", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def run(args) -> None:
+    if args.from_json:
+        return redraw(args.from_json, args.out or args.from_json.with_suffix(""))
     if not sys.platform.startswith("linux"):
-        parser.error("the memory measurements read /proc and call glibc's mallopt: Linux only")
+        raise UserError("the memory measurements read /proc and call glibc's mallopt: Linux only")
     try:
         flash_attention.ensure_available()  # the library of every kernel: softmax and flash
     except RuntimeError as err:
-        sys.exit(f"error: {err}")
+        raise UserError(str(err)) from None
     if args.softmax_only:  # the child process of the AVX2 measurement: its rows, as JSON
         reuse_pages()
         Ts = [1024] if args.quick else TS
-        rows = timed_rows([("cpu", t) for t in threads], DTYPES, Ts, args.repeats, ("softmax",))
-        (args.out or OUT).with_suffix(".json").write_text(json.dumps(rows))
+        rows = timed_rows(
+            [("cpu", t) for t in args.threads], DTYPES, Ts, args.repeats, ("softmax",)
+        )
+        write_atomically((args.out or OUT).with_suffix(".json"), json.dumps(rows))
         return
 
-    Ts, dtypes, repeats = TS, DTYPES, args.repeats
+    Ts, dtypes, threads, repeats = TS, DTYPES, args.threads, args.repeats
     if args.quick:
         Ts, dtypes, threads, repeats = [128, 256], [torch.float32], [1], 2
     out = args.out or (
@@ -303,7 +281,9 @@ def main() -> None:
     def save(row):
         report["rows"].append(row)
         print(format_row(row), flush=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=1))  # kept if interrupted
+        write_atomically(
+            out.with_suffix(".json"), json.dumps(report, indent=1)
+        )  # kept if interrupted
 
     runs = [("cpu", t) for t in threads] + [("cuda", None) for _ in devices[1:]]
     timed_rows(runs, dtypes, Ts, repeats, ("softmax", "attention"), save)
@@ -312,9 +292,9 @@ def main() -> None:
             save(row)
 
     report["targets"] = targets(report)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    write_atomically(out.with_suffix(".json"), json.dumps(report, indent=1))
     markdown = to_markdown(report, threads)
-    out.with_suffix(".md").write_text(markdown)
+    write_atomically(out.with_suffix(".md"), markdown)
     plot(report, out.with_suffix(".png"))
     print("\n" + markdown)
     print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
@@ -417,11 +397,13 @@ def avx2_rows(threads: list[int], repeats: int, quick: bool) -> list[dict]:
 
 def redraw(json_path: Path, out: Path) -> None:
     """The tables and the plot of a finished run, from its JSON alone."""
-    report = json.loads(json_path.read_text())
+    try:
+        report = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read a benchmark run from {json_path}: {err}") from None
     threads = list(dict.fromkeys(r["threads"] for r in report["rows"] if r["device"] == "cpu"))
     report["targets"] = targets(report)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(to_markdown(report, threads))
+    write_atomically(out.with_suffix(".md"), to_markdown(report, threads))
     plot(report, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.png')} from {json_path}")
 
@@ -507,14 +489,6 @@ def _where(r: dict) -> str:
     )
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
-    ]
-
-
 def _marker(kind: str, name: str) -> str:
     """A section marker for pymdownx.snippets in an HTML comment, so that a page can include one
     part of the tables; spelled in two pieces here, or this file's own sections would see it."""
@@ -535,34 +509,34 @@ def to_markdown(report: dict, threads: list[int]) -> str:
     attention = [r for r in report["rows"] if r["part"] == "attention"]
     # Each part between section markers, so that a page can include one part (pymdownx.snippets).
     lines = [_marker("start", "softmax"), "", "**Softmax step** (B*H, T, T), median ms", ""]
-    lines += _table(
+    lines += [markdown_table(
         ["device", "dtype", "T", "B*H", "plain fwd", "fused fwd", "speed-up", "plain fwd+bwd",
          "fused fwd+bwd", "speed-up"],
         [[_where(r), r["dtype"], r["T"], r["BH"], f"{r['ms']['plain fwd']:.2f}",
           f"{r['ms']['fused fwd']:.2f}", f"{r['ms']['plain fwd'] / r['ms']['fused fwd']:.1f}x",
           f"{r['ms']['plain fwd+bwd']:.2f}", f"{r['ms']['fused fwd+bwd']:.2f}",
           f"{r['ms']['plain fwd+bwd'] / r['ms']['fused fwd+bwd']:.1f}x"] for r in softmax],
-    )  # fmt: skip
+    )]  # fmt: skip
     lines += ["", "**Softmax step**, the fused path's effective bandwidth against a copy of the "
               "same size", ""]  # fmt: skip
-    lines += _table(
+    lines += [markdown_table(
         ["device", "dtype", "T", "fused fwd GB/s", "fused bwd GB/s", "copy GB/s", "fwd / copy",
          "bwd / copy"],
         [[_where(r), r["dtype"], r["T"], f"{r['GBps']['fused fwd']:.1f}",
           f"{r['GBps']['fused bwd']:.1f}", f"{r['GBps']['copy']:.1f}",
           f"{r['GBps']['fused fwd'] / r['GBps']['copy']:.0%}",
           f"{r['GBps']['fused bwd'] / r['GBps']['copy']:.0%}"] for r in softmax],
-    )  # fmt: skip
+    )]  # fmt: skip
     lines += ["", _marker("end", "softmax"), _marker("start", "attention")]
     for step, title in (("fwd", "forward"), ("fwd+bwd", "forward+backward")):
         lines += ["", f"**Attention core** softmax(mask(q k^T / 8)) v, head dim {HEAD_DIM}, "
                   f"{title}, median ms", ""]  # fmt: skip
-        lines += _table(
+        lines += [markdown_table(
             ["device", "dtype", "T", "B*H", *PATHS, "plain / flash", "sdpa / flash"],
             [[_where(r), r["dtype"], r["T"], r["BH"], *(_ms(r, f"{p} {step}") for p in PATHS),
               _ratio(r, f"plain {step}", f"flash {step}"), _ratio(r, f"sdpa {step}", f"flash {step}")]
              for r in attention],
-        )  # fmt: skip
+        )]  # fmt: skip
     lines += ["", _marker("end", "attention"), _marker("start", "memory")]
     groups = {}
     for m in report["memory"]:
@@ -572,25 +546,25 @@ def to_markdown(report: dict, threads: list[int]) -> str:
     lines += ["", f"**Peak memory** of one forward+backward, MiB (the CPU at {n} "
               f"thread{'s' if n != 1 else ''}; B*H as in the timings, and {LONG_BH} at "
               f"T = {LONG_T})", ""]  # fmt: skip
-    lines += _table(
+    lines += [markdown_table(
         ["part", "device", "dtype", "T", *PATHS],
         [[*key, *(f"{paths[p]:,.0f}" if p in paths else "-" for p in PATHS)]
          for key, paths in groups.items()],
-    )  # fmt: skip
+    )]  # fmt: skip
     lines += ["", "**Page faults**: the same forward into fresh memory on every call vs memory "
               "reused", ""]  # fmt: skip
-    lines += _table(
+    lines += [markdown_table(
         ["path", "T", "threads", "fresh pages ms", "reused ms"],
         [[p["path"], p["T"], p["threads"], f"{p['fresh_ms']:.2f}", f"{p['reused_ms']:.2f}"]
          for p in report["page_faults"]],
-    )  # fmt: skip
+    )]  # fmt: skip
     lines += ["", _marker("end", "memory"), _marker("start", "targets")]
     lines += ["", "**Targets**", ""]
-    lines += _table(
+    lines += [markdown_table(
         ["target", "measured", "goal", "met"],
         [[t["target"], f"{t['value']:.2f}", t["goal"], "yes" if t["met"] else "no"]
          for t in report["targets"]],
-    )  # fmt: skip
+    )]  # fmt: skip
     lines += ["", _marker("end", "targets")]
     return "\n".join(lines) + "\n"
 
@@ -647,6 +621,6 @@ def plot(report: dict, path: Path) -> None:
 
 if __name__ == "__main__":
     try:
-        main()
+        sys.exit(run_command(parser(), run, sys.argv[1:]))
     except KeyboardInterrupt:
         sys.exit("interrupted: the rows measured so far are in the .json file")

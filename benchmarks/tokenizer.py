@@ -12,28 +12,22 @@ With GPT-2's `encoder.json` and `vocab.bpe` (from `--gpt2-dir`, or `$GPT_REFEREN
 comparison is repeated on the real 50k-merge vocabulary.
 """
 
-import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import tiktoken
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.data import load_corpus  # noqa: E402
-from src.tokenizer import BPETokenizer  # noqa: E402
+from benchmarks.harness import markdown_table, median_times
+from src.cli import Parser, positive_int, run_command
+from src.data import load_corpus
+from src.files import write_atomically
+from src.tokenizer import BPETokenizer
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "assets" / "tokenizer-benchmark"
-
-
-def timed(fn, *args) -> float:
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
 
 
 def compare_encode(name: str, ours: BPETokenizer, text: str, repeats: int) -> dict:
@@ -45,12 +39,17 @@ def compare_encode(name: str, ours: BPETokenizer, text: str, repeats: int) -> di
         special_tokens=ours.special_tokens,
     )
     assert ours.encode(text) == theirs.encode(text), "ids differ from tiktoken's"
-    cold, warm, ref = [], [], []
-    for _ in range(repeats):
-        fresh = BPETokenizer(ours.mergeable_ranks, ours.special_tokens, ours.pattern)
-        cold.append(timed(fresh.encode, text))
-        warm.append(timed(fresh.encode, text))
-        ref.append(timed(theirs.encode, text))
+    fresh = {}
+
+    def new_tokenizer():  # every round starts cold: a tokenizer with an empty pre-token cache
+        fresh["ours"] = BPETokenizer(ours.mergeable_ranks, ours.special_tokens, ours.pattern)
+
+    candidates = {
+        "ours_cold": lambda: fresh["ours"].encode(text),
+        "ours_warm": lambda: fresh["ours"].encode(text),  # the same text again
+        "tiktoken": lambda: theirs.encode(text),
+    }
+    times = median_times(candidates, repeats, warmup=0, before_round=new_tokenizer)
     mb = len(text.encode("utf-8")) / 1e6
     row = {
         "vocab": name,
@@ -58,60 +57,38 @@ def compare_encode(name: str, ours: BPETokenizer, text: str, repeats: int) -> di
         "megabytes": mb,
         "tokens": len(theirs.encode(text)),
     }
-    for key, times in [("ours_cold", cold), ("ours_warm", warm), ("tiktoken", ref)]:
-        row[f"{key}_mb_per_s"] = mb / statistics.median(times)
+    for key, seconds in times.items():
+        row[f"{key}_mb_per_s"] = mb / seconds
     row["ratio_cold"] = row["tiktoken_mb_per_s"] / row["ours_cold_mb_per_s"]
     row["ratio_warm"] = row["tiktoken_mb_per_s"] / row["ours_warm_mb_per_s"]
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument(
-        "--vocab-size",
-        type=int,
-        default=8192,
-        help="vocabulary to train on the default corpus (bytes + merges + specials)",
-    )
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per candidate; medians")
-    default_gpt2 = (
-        os.environ.get("GPT_REFERENCE_DATA") and Path(os.environ["GPT_REFERENCE_DATA"]) / "gpt2"
-    )
-    parser.add_argument(
-        "--gpt2-dir",
-        type=Path,
-        default=default_gpt2,
-        help="folder with GPT-2's encoder.json and vocab.bpe (skipped if absent)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=OUT,
-        help="output path prefix for the .json results and the .md table the book includes "
-        f"(default: {OUT.relative_to(OUT.parents[2])})",
-    )
-    args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
+def parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--vocab-size", type=positive_int, default=8192,
+                   help="vocabulary to train on the default corpus (bytes + merges + specials)")  # fmt: skip
+    p.add_argument("--repeats", type=positive_int, default=5,
+                   help="timed runs per candidate; medians")  # fmt: skip
+    reference = os.environ.get("GPT_REFERENCE_DATA")
+    p.add_argument("--gpt2-dir", type=Path, default=reference and Path(reference) / "gpt2",
+                   help="folder with GPT-2's encoder.json and vocab.bpe (skipped if absent)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=OUT,
+                   help="output path prefix for the .json results and the .md table the book "
+                   f"includes (default: {OUT.relative_to(OUT.parents[2])})")  # fmt: skip
+    return p
 
+
+def run(args) -> None:
     corpus = load_corpus()
     mb = len(corpus.text.encode("utf-8")) / 1e6
-    print(
-        f"corpus: {corpus.name}, {mb:.2f} MB; python {platform.python_version()}, "
-        f"{os.cpu_count()} cpus, one thread per encoder",
-        flush=True,
-    )
-    try:
-        train_times = []
-        for _ in range(args.repeats):
-            train_times.append(timed(BPETokenizer.train, corpus.text, args.vocab_size))
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+    print(f"corpus: {corpus.name}, {mb:.2f} MB; python {platform.python_version()}, "
+          f"{os.cpu_count()} cpus, one thread per encoder", flush=True)  # fmt: skip
+    train = median_times(
+        {"train": lambda: BPETokenizer.train(corpus.text, args.vocab_size)}, args.repeats, warmup=0
+    )["train"]
     trained = BPETokenizer.train(corpus.text, args.vocab_size)
-    train_s = statistics.median(train_times)
-    print(f"train {trained.n_vocab} tokens: {train_s:.2f} s (median of {args.repeats})", flush=True)
+    print(f"train {trained.n_vocab} tokens: {train:.2f} s (median of {args.repeats})", flush=True)
 
     rows = [compare_encode(f"trained-{trained.n_vocab}", trained, corpus.text, args.repeats)]
     if args.gpt2_dir and (args.gpt2_dir / "vocab.bpe").is_file():
@@ -128,40 +105,34 @@ def main() -> None:
         "python": platform.python_version(),
         "repeats": args.repeats,
         "train_vocab_size": trained.n_vocab,
-        "train_seconds": train_s,
+        "train_seconds": train,
         "encode": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_atomically(args.out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     markdown = to_markdown(result)
-    args.out.with_suffix(".md").write_text(markdown)
+    write_atomically(args.out.with_suffix(".md"), markdown)
     print("\n" + markdown)
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
 
 
 def to_markdown(result: dict) -> str:
     """The table the Tokens chapter includes: MB/s of each encoder, and tiktoken's lead."""
-    lines = [
-        "| vocabulary | tokens | ours, cold (MB/s) | ours, warm (MB/s) | tiktoken (MB/s) "
-        "| tiktoken / ours, cold | tiktoken / ours, warm |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in result["encode"]:
-        lines.append(
-            f"| {r['vocab']} | {r['tokens']:,} | {r['ours_cold_mb_per_s']:.2f} "
-            f"| {r['ours_warm_mb_per_s']:.2f} | {r['tiktoken_mb_per_s']:.2f} "
-            f"| {r['ratio_cold']:.2f}x | {r['ratio_warm']:.2f}x |"
-        )
-    lines += [
-        "",
+    header = ["vocabulary", "tokens", "ours, cold (MB/s)", "ours, warm (MB/s)", "tiktoken (MB/s)",
+              "tiktoken / ours, cold", "tiktoken / ours, warm"]  # fmt: skip
+    rows = [
+        [r["vocab"], f"{r['tokens']:,}", f"{r['ours_cold_mb_per_s']:.2f}",
+         f"{r['ours_warm_mb_per_s']:.2f}", f"{r['tiktoken_mb_per_s']:.2f}",
+         f"{r['ratio_cold']:.2f}x", f"{r['ratio_warm']:.2f}x"]
+        for r in result["encode"]
+    ]  # fmt: skip
+    training = (
         f"Training the {result['train_vocab_size']:,}-token vocabulary on the same "
         f"{result['megabytes']:.2f} MB took {result['train_seconds']:.2f} s (median of "
-        f"{result['repeats']}; Python {result['python']}).",
-        "",
-        "*Made by `uv run python benchmarks/tokenizer.py`.*",
-    ]
-    return "\n".join(lines) + "\n"
+        f"{result['repeats']}; Python {result['python']})."
+    )
+    made_by = "*Made by `uv run python benchmarks/tokenizer.py`.*"
+    return f"{markdown_table(header, rows, align='lrrrrrr')}\n\n{training}\n\n{made_by}\n"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(parser(), run, sys.argv[1:]))

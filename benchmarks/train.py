@@ -4,41 +4,43 @@ The model is the default ``cpu-small`` preset (4 layers, 4 heads, emb 256, vocab
 nanoGPT's small reference model, at three context lengths with the same number of tokens per step:
 context 256 x batch 8 (the default run), 512 x 4 and 1024 x 2. For each shape the four attention
 paths (``eager``, ``fused``, ``sdpa``, ``flash``) train copies of the same model on the same batch,
-one step each in turn, repeated; the median step time is kept. Interleaving means a burst of load from another
-process slows every path alike, so the ratios hold even on a busy machine.
+one step each in turn, repeated; the median step time is kept (``benchmarks.harness.median_times``).
+The step is the trainer's own, ``src.training.optimizer_step``: forward, backward, gradient clipping,
+AdamW.
 
 It also times the attention core alone (``attend``: scores, causal softmax, weights @ values, with
 its backward) at each shape, times the number of layers, to say what share of a step attention is.
 
 Then the same step against nanoGPT's ``model.py`` (Karpathy), on its small reference configuration
 (4 layers, 4 heads, emb 256, vocab 8192, context 256, batch 8, AdamW as its
-``configure_optimizers`` builds it), in the same process and interleaved: our model as the book
-writes it, then with each speed option (fused LayerNorm/GELU, tied weights, flash attention). nanoGPT
-is not part of this repository: ``--nanogpt PATH`` (or ``$NANOGPT``) names a checkout, and without
-one its row is left out.
+``configure_optimizers`` builds it, gradients clipped at 1 as its ``train.py`` does), in the same
+process and interleaved: our model as the book writes it, then with each speed option (fused
+LayerNorm/GELU, tied weights, flash attention). nanoGPT is not part of this repository:
+``--nanogpt PATH`` (or ``$NANOGPT``) names its ``model.py``, and without one its row is left out.
 
     uv run python benchmarks/train.py                 # docs/assets/train-benchmark.json and .md
-    uv run python benchmarks/train.py --nanogpt ~/src/nanoGPT   # and docs/assets/train-nanogpt.md
+    uv run python benchmarks/train.py --nanogpt ~/src/nanoGPT/model.py   # and train-nanogpt.md
     uv run python benchmarks/train.py --repeats 3     # quicker, noisier
 """
 
-import argparse
 import contextlib
 import importlib.util
 import io
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.harness import markdown_table, median_times
 from src import flash_attention
+from src.cli import Parser, positive_int, run_command
+from src.errors import UserError
+from src.files import write_atomically
 from src.model import GPTConfig, GPTModel
-from src.training import adamw, cross_entropy
+from src.training import adamw, cross_entropy, optimizer_step
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "assets" / "train-benchmark.json"
 SHAPES = [(256, 8), (512, 4), (1024, 2)]  # (context length, batch): 2,048 tokens per step
@@ -53,38 +55,25 @@ VARIANTS = {
 }
 
 
-def make_trainer(impl: str, context_length: int, **options):
+def training_step(impl: str, x: torch.Tensor, y: torch.Tensor, **options):
+    """A call that takes one optimizer step of a fresh ``cpu-small`` model, the trainer's own step
+    (``optimizer_step``: forward, backward, clip, AdamW), on the batch ``x``, ``y``."""
     torch.manual_seed(0)
-    cfg = GPTConfig.from_preset(
-        "cpu-small", context_length=context_length, attn_impl=impl, **options
-    )
+    cfg = GPTConfig.from_preset("cpu-small", context_length=x.shape[1], attn_impl=impl, **options)
     model = GPTModel(cfg).train()
-    return model, adamw(model, lr=1e-4, weight_decay=0.1)
+    optimizer = adamw(model, lr=1e-4, weight_decay=0.1)
+
+    def loss_fn(batch):
+        inputs, targets = batch
+        return cross_entropy(model(inputs), targets)
+
+    return model, lambda: optimizer_step(model, optimizer, [(x, y)], loss_fn, step=0)
 
 
-def clock() -> tuple[float, float]:
-    """Wall-clock seconds and CPU seconds of this process (all its threads)."""
-    return time.perf_counter(), time.process_time()
-
-
-def elapsed(start: tuple[float, float]) -> tuple[float, float]:
-    now = clock()
-    return now[0] - start[0], now[1] - start[1]
-
-
-def train_step(model, optimizer, x, y) -> tuple[float, float]:
-    """One step; its wall-clock and CPU time (the second holds up when other jobs take the cores)."""
-    t0 = clock()
-    loss = cross_entropy(model(x), y)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return elapsed(t0)
-
-
-def nanogpt_trainer(path: Path):
-    """nanoGPT's GPT and AdamW from the model.py of a checkout, on the reference configuration."""
-    spec = importlib.util.spec_from_file_location("nanogpt_model", path / "model.py")
+def nanogpt_step(path: Path, x: torch.Tensor, y: torch.Tensor):
+    """A call that takes one step of nanoGPT's GPT, with the AdamW of its ``configure_optimizers``
+    and the gradient clipping of its ``train.py``, on the reference configuration."""
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     torch.manual_seed(0)
@@ -94,94 +83,90 @@ def nanogpt_trainer(path: Path):
         model = module.GPT(config).train()
         optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), "cpu")
 
-    def step(x, y) -> tuple[float, float]:
-        t0 = clock()
+    def step():
         _, loss = model(x, y)  # nanoGPT's forward returns the loss with the logits
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return elapsed(t0)
 
     return step
 
 
 def versus_nanogpt(path: Path | None, repeats: int) -> list[dict]:
     """Tokens/s of one training step, context 256 x batch 8: nanoGPT's model (if ``path``) and
-    ours in each variant, interleaved step by step; the first two rounds warm up."""
-    steps = {}
-    if path is not None:
-        steps["nanoGPT model.py (sdpa)"] = nanogpt_trainer(path)
-    for name, options in VARIANTS.items():
-        model, opt = make_trainer(options["attn_impl"], 256, **{k: v for k, v in options.items()
-                                                                 if k != "attn_impl"})  # fmt: skip
-        steps[name] = lambda x, y, model=model, opt=opt: train_step(model, opt, x, y)
+    ours in each variant, interleaved step by step."""
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, 8192, (8, 256), generator=g) for _ in range(2))
-    times = {name: [] for name in steps}
-    for i in range(repeats + 2):
-        for name, step in steps.items():
-            elapsed = step(x, y)
-            if i >= 2:
-                times[name].append(elapsed)
-    return [{"model": name, **rates(8 * 256, t)} for name, t in times.items()]
+    candidates = {}
+    if path is not None:
+        candidates["nanoGPT model.py (sdpa)"] = nanogpt_step(path, x, y)
+    for name, options in VARIANTS.items():
+        candidates[name] = training_step(x=x, y=y, impl=options["attn_impl"],
+                                         **{k: v for k, v in options.items() if k != "attn_impl"})[1]  # fmt: skip
+    times = median_times(candidates, repeats)
+    return [{"model": name, "tokens_per_sec": 8 * 256 / t} for name, t in times.items()]
 
 
-def rates(tokens: int, times: list[tuple[float, float]]) -> dict:
-    """Tokens per second of wall-clock time and per second of CPU time, from the medians."""
-    return {"tokens_per_sec": tokens / statistics.median(w for w, _ in times),
-            "tokens_per_cpu_sec": tokens / statistics.median(c for _, c in times)}  # fmt: skip
-
-
-def attention_core_time(model, B: int, T: int) -> float:
-    """One layer's attention core, forward + backward, on random q, k, v of the model's shape."""
+def attention_core(model: GPTModel, B: int, T: int):
+    """A call that runs one layer's attention core, forward + backward, on random q, k, v."""
     att = model.trf_blocks[0].att
+
     q, k, v = (torch.randn(B, att.n_heads, T, att.head_dim, requires_grad=True) for _ in range(3))
-    t0 = time.perf_counter()
-    att.attend(q, k, v).sum().backward()
-    return time.perf_counter() - t0
+
+    def call():
+        att.attend(q, k, v).sum().backward()
+        q.grad = k.grad = v.grad = None
+
+    return call
 
 
 def bench_shape(T: int, B: int, repeats: int) -> dict:
-    trainers = {impl: make_trainer(impl, T) for impl in IMPLS}
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 8192, (B, T), generator=g)
     y = torch.randint(0, 8192, (B, T), generator=g)
-    steps = {impl: [] for impl in IMPLS}
-    cores = {impl: [] for impl in IMPLS}
-    for i in range(repeats + 2):  # the first two rounds warm up caches and the allocator
-        for impl, (model, opt) in trainers.items():
-            step, core = train_step(model, opt, x, y), attention_core_time(model, B, T)
-            if i >= 2:
-                steps[impl].append(step)
-                cores[impl].append(core)
-    n_layers = trainers["eager"][0].cfg.n_layers
+    candidates = {}
+    for impl in IMPLS:
+        model, step = training_step(impl, x, y)
+        candidates[f"{impl} step"] = step
+        candidates[f"{impl} attention"] = attention_core(model, B, T)
+    times = median_times(candidates, repeats)
+    n_layers = model.cfg.n_layers
     result = {"context_length": T, "batch_size": B}
     for impl in IMPLS:
-        step = statistics.median(w for w, _ in steps[impl])
+        step = times[f"{impl} step"]
         result[impl] = {
             "step_ms": 1e3 * step,
-            **rates(B * T, steps[impl]),
-            "attention_share": n_layers * statistics.median(cores[impl]) / step,
+            "tokens_per_sec": B * T / step,
+            "attention_share": n_layers * times[f"{impl} attention"] / step,
         }
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed steps per path and shape")
-    parser.add_argument("--out", type=Path, default=OUT, help="where the JSON results go")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    parser.add_argument(
+def parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=positive_int, default=7, help="timed steps per path and shape")
+    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--out", type=Path, default=OUT, help="where the JSON results go")
+    p.add_argument(
         "--nanogpt",
         type=Path,
         default=os.environ.get("NANOGPT"),
-        help="a nanoGPT checkout (its model.py) to compare the step with (default: $NANOGPT)",
+        metavar="MODEL_PY",
+        help="nanoGPT's model.py, to compare the step with (default: $NANOGPT; none: no such row)",
     )
-    args = parser.parse_args()
-    if args.nanogpt is not None and not (args.nanogpt / "model.py").is_file():
-        parser.error(f"--nanogpt {args.nanogpt}: no model.py there")
+    p.add_argument("--only-nanogpt", action="store_true", help="skip the attention paths' table")
+    return p
+
+
+def run(args) -> None:
+    if args.nanogpt is not None and not args.nanogpt.is_file():
+        raise UserError(f"--nanogpt {args.nanogpt}: no such file (give the path of its model.py)")
+    try:  # a benchmark of the fused and flash paths must not fall back silently
+        flash_attention.ensure_available()
+    except RuntimeError as err:
+        raise UserError(str(err)) from None
     torch.set_num_threads(args.threads)
-    flash_attention.ensure_available()  # the fused and flash paths must not fall back silently
     results = {
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -190,82 +175,59 @@ def main() -> None:
         "shapes": [],
     }
     print(f"cpu-small, {results['threads']} threads, median of {args.repeats} steps")
-    print(" | ".join(f"{c:>12}" for c in ["context x batch", *IMPLS])
-          + " | flash/sdpa | attention share (eager, fused, sdpa, flash)")  # fmt: skip
-    for T, B in SHAPES:
+    for T, B in [] if args.only_nanogpt else SHAPES:
         r = bench_shape(T, B, args.repeats)
         results["shapes"].append(r)
-        tps = {impl: r[impl]["tokens_per_sec"] for impl in IMPLS}
-        shares = ", ".join(f"{100 * r[impl]['attention_share']:.0f}%" for impl in IMPLS)
-        cpu = r["flash"]["tokens_per_cpu_sec"] / r["sdpa"]["tokens_per_cpu_sec"]
-        print(f"{T:>8} x {B:<3} | " + " | ".join(f"{tps[i]:>8,.0f} t/s" for i in IMPLS)
-              + f" | {tps['flash'] / tps['sdpa']:>9.2f}x (CPU time {cpu:.2f}x) | {shares}",
-              flush=True)  # fmt: skip
+        print(f"{T:>5} x {B}: " + ", ".join(f"{impl} {r[impl]['tokens_per_sec']:,.0f} tokens/s"
+                                            for impl in IMPLS), flush=True)  # fmt: skip
     results["nanogpt"] = versus_nanogpt(args.nanogpt, args.repeats)
-    for row in results["nanogpt"]:
-        print(
-            f"{row['model']:>32}: {row['tokens_per_sec']:8,.0f} tokens/s, "
-            f"{row['tokens_per_cpu_sec']:8,.0f} per CPU second"
-        )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(to_markdown(results))
     versus = args.out.with_name(args.out.stem.replace("benchmark", "nanogpt") + ".md")
-    versus.write_text(nanogpt_markdown(results))
-    print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {versus}")
+    write_atomically(versus, nanogpt_markdown(results))
+    print(f"\n{nanogpt_markdown(results)}")
+    if not args.only_nanogpt:
+        write_atomically(args.out, json.dumps(results, indent=2) + "\n")
+        write_atomically(args.out.with_suffix(".md"), to_markdown(results))
+        print(f"{to_markdown(results)}\nwrote {args.out} and {args.out.with_suffix('.md')}")
+
+
+def made_by(results: dict, flags: str = "") -> str:
+    return (
+        f"*Made by `uv run python benchmarks/train.py{flags}` ({results['threads']} threads, torch "
+        f"{results['torch']}, {results['cpu_capability']}, median of {results['repeats']} steps, "
+        "interleaved).*"
+    )
 
 
 def to_markdown(results: dict) -> str:
     """The table the Pretraining chapter includes: tokens/s per path and shape, and the ratios."""
-    lines = [
-        "| context x batch | eager (tokens/s) | fused | sdpa | flash | fused / eager | flash / sdpa "
-        "| flash / sdpa, CPU time | attention share (eager, fused, sdpa, flash) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
+    rows = []
     for r in results["shapes"]:
         tps = {impl: r[impl]["tokens_per_sec"] for impl in IMPLS}
-        cpu = {impl: r[impl]["tokens_per_cpu_sec"] for impl in IMPLS}
         shares = ", ".join(f"{100 * r[impl]['attention_share']:.0f}%" for impl in IMPLS)
-        lines.append(
-            f"| {r['context_length']} x {r['batch_size']} | {tps['eager']:,.0f} "
-            f"| {tps['fused']:,.0f} | {tps['sdpa']:,.0f} | {tps['flash']:,.0f} "
-            f"| {tps['fused'] / tps['eager']:.2f}x | {tps['flash'] / tps['sdpa']:.2f}x "
-            f"| {cpu['flash'] / cpu['sdpa']:.2f}x | {shares} |"
-        )
-    lines += [
-        "",
-        f"*Made by `uv run python benchmarks/train.py` ({results['threads']} threads, torch "
-        f"{results['torch']}, {results['cpu_capability']}, median of {results['repeats']} steps; "
-        "CPU time: the process's CPU seconds per step, which other jobs on the machine do not "
-        "inflate).*",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    main()
+        rows.append([f"{r['context_length']} x {r['batch_size']}",
+                     *(f"{tps[impl]:,.0f}" for impl in IMPLS),
+                     f"{tps['fused'] / tps['eager']:.2f}x", f"{tps['flash'] / tps['sdpa']:.2f}x",
+                     shares])  # fmt: skip
+    header = ["context x batch", "eager (tokens/s)", "fused", "sdpa", "flash", "fused / eager",
+              "flash / sdpa", "attention share (eager, fused, sdpa, flash)"]  # fmt: skip
+    return f"{markdown_table(header, rows, align='lrrrrrrl')}\n\n{made_by(results)}\n"
 
 
 def nanogpt_markdown(results: dict) -> str:
     """Our step against nanoGPT's on its reference configuration, one row per variant."""
     rows = results["nanogpt"]
-    nano = next((r for r in rows if r["model"].startswith("nanoGPT")), None)
-    written = next(r for r in rows if r["model"].startswith("ours, as written"))
-    lines = ["| model (context 256 x batch 8) | tokens/s | vs nanoGPT | vs nanoGPT, CPU time "
-             "| vs ours as written |", "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
-    for r in rows:
-        vs = [
-            f"{r[k] / nano[k]:.2f}x" if nano else "-"
-            for k in ("tokens_per_sec", "tokens_per_cpu_sec")
-        ]
-        lines.append(f"| {r['model']} | {r['tokens_per_sec']:,.0f} | {vs[0]} | {vs[1]} "
-                     f"| {r['tokens_per_sec'] / written['tokens_per_sec']:.2f}x |")  # fmt: skip
-    lines += [
-        "",
-        f"*Made by `uv run python benchmarks/train.py --nanogpt PATH` ({results['threads']} "
-        f"threads, torch {results['torch']}, {results['cpu_capability']}, median of "
-        f"{results['repeats']} steps, interleaved; "
-        + ("nanoGPT's model.py from the checkout at PATH" if nano else "no nanoGPT checkout given")
-        + "; CPU time: the process's CPU seconds per step).*",
-    ]
-    return "\n".join(lines) + "\n"
+    nano = next((r["tokens_per_sec"] for r in rows if r["model"].startswith("nanoGPT")), None)
+    written = next(r["tokens_per_sec"] for r in rows if r["model"].startswith("ours, as written"))
+    table = [[r["model"], f"{r['tokens_per_sec']:,.0f}",
+              f"{r['tokens_per_sec'] / nano:.2f}x" if nano else "-",
+              f"{r['tokens_per_sec'] / written:.2f}x"] for r in rows]  # fmt: skip
+    header = ["model (context 256 x batch 8)", "tokens/s", "vs nanoGPT", "vs ours as written"]
+    source = "" if nano else " (no nanoGPT model.py given: its row is left out)"
+    return (
+        f"{markdown_table(header, table, align='lrrr')}\n\n"
+        f"{made_by(results, ' --nanogpt MODEL_PY')}{source}\n"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(parser(), run, sys.argv[1:]))

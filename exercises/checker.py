@@ -121,7 +121,7 @@ def show(value) -> str:
         return f"{type(value).__name__} of {len(value)}: {list(value[:12])} ..."
     if isinstance(value, dict) and len(value) > 8:
         return f"dict of {len(value)} entries: {dict(list(value.items())[:6])} ..."
-    if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
         return "(" + ", ".join(show(v) for v in value) + ")"
     return repr(value)
 
@@ -144,8 +144,7 @@ def check(exercise: Exercise, function: Callable | None) -> list[str]:
         except NotImplementedError:
             return [f"  not written yet: {exercise.name}() raises NotImplementedError"]
         except Exception as err:  # noqa: BLE001 (the reader's code: any error is worth showing)
-            where = traceback.extract_tb(err.__traceback__)[-1]
-            return [*head, f"    raised {type(err).__name__}: {err} (line {where.lineno})",
+            return [*head, f"    raised {type(err).__name__}: {err} ({_where(err, function)})",
                     f"  hint: {exercise.hint}"]  # fmt: skip
         why = difference(expected, got, exercise.atol, exercise.rtol)
         if why is not None:
@@ -155,6 +154,17 @@ def check(exercise: Exercise, function: Callable | None) -> list[str]:
 
 
 # --8<-- [end:check]
+
+
+def _where(err: Exception, function: Callable) -> str:
+    """Where an error was raised: the line in the reader's file, or the file and line beyond it."""
+    frames = traceback.extract_tb(err.__traceback__)
+    mine = inspect.getsourcefile(inspect.unwrap(function))
+    last_mine = [f for f in frames if f.filename == mine]
+    at = frames[-1]
+    if at.filename == mine or not last_mine:
+        return f"line {at.lineno}"
+    return f"line {last_mine[-1].lineno}, in a call that failed in {Path(at.filename).name} line {at.lineno}"
 
 
 def _rounded(values):

@@ -20,6 +20,11 @@ The middle step, scale + causal mask + softmax, can be computed four ways, chose
 - ``"flash"``: our own fused attention (``src/flash_attention.py``): the whole core in one kernel,
   tiled, with no ``(T, T)`` tensor. It has no dropout: with attention dropout on, or if it cannot
   be built, a warning says so once and SDPA runs instead.
+
+Before ``MultiHeadAttention``, the module builds it up in five steps, each adding one idea to the one
+before: dot products of the raw vectors, trainable projections, the causal mask, dropout on the
+weights, and several heads side by side. Given the same weights, each step computes what the next
+one computes (``tests/test_attention_steps.py``).
 """
 
 import math
@@ -31,6 +36,116 @@ from torch import nn
 from src import flash_attention, fused_softmax
 
 ATTN_IMPLS = ("eager", "fused", "sdpa", "flash")
+
+
+# --8<-- [start:dot_product]
+def dot_product_attention(x: torch.Tensor) -> torch.Tensor:
+    """Step 1: each position's output is an average of all the inputs, weighted by similarity.
+
+    No parameters yet: a token's vector serves as its query, its key and its value. A dot product is
+    large when two vectors point the same way, zero when they are orthogonal and negative when they
+    point apart; the softmax turns each row of scores into positive weights that sum to one.
+    """
+    scores = x @ x.transpose(-2, -1)  # (..., T, T): scores[i, j] = x_i . x_j
+    weights = torch.softmax(scores, dim=-1)  # (..., T, T), every row sums to 1
+    return weights @ x  # (..., T, d): row i is sum_j weights[i, j] * x_j
+
+
+# --8<-- [end:dot_product]
+
+
+# --8<-- [start:self_attention]
+class SelfAttention(nn.Module):
+    """Step 2: trainable queries, keys and values, and the 1/sqrt(d) scale.
+
+    Three linear maps let a token ask for one thing (query), advertise another (key) and hand over a
+    third (value), where step 1 could only match a vector against itself. The cost: three
+    ``d_in x d_out`` matrices, and every token's output now depends on what training puts in them.
+    """
+
+    def __init__(self, d_in: int, d_out: int, qkv_bias: bool = False):
+        super().__init__()
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)  # (B, T, d_out) each
+        return self.weights(q, k) @ v  # (B, T, T) @ (B, T, d_out) -> (B, T, d_out)
+
+    def weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d_out)): the scale keeps the scores' spread independent of width."""
+        scores = q @ k.transpose(-2, -1)  # (B, T, T)
+        return torch.softmax(scores / math.sqrt(k.shape[-1]), dim=-1)
+
+
+# --8<-- [end:self_attention]
+
+
+# --8<-- [start:causal_attention]
+class CausalAttention(SelfAttention):
+    """Steps 3 and 4: hide the future with the causal mask, then drop attention weights in training.
+
+    The mask makes position ``t`` see only positions ``0..t``, so a model trained on whole sequences
+    never reads the token it must predict. Dropout zeroes each weight with probability ``drop_rate``
+    and scales the survivors by ``1 / (1 - drop_rate)``, so the expected weight is unchanged and
+    ``eval()``, which turns dropout off, sees the averages the training saw.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        drop_rate: float = 0.0,
+        qkv_bias: bool = False,
+    ):
+        super().__init__(d_in, d_out, qkv_bias)
+        self.dropout = nn.Dropout(drop_rate)
+        # A buffer moves with the module (.to(device)) but is not a trained parameter, and is not
+        # saved in checkpoints.
+        self.register_buffer("mask", causal_mask(context_length), persistent=False)
+
+    def weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        T = q.shape[-2]
+        scale = 1.0 / math.sqrt(k.shape[-1])
+        weights = causal_softmax(q @ k.transpose(-2, -1), scale, self.mask[:T, :T])  # (B, T, T)
+        return self.dropout(weights)  # in training only: zero some, scale up the rest
+
+
+# --8<-- [end:causal_attention]
+
+
+# --8<-- [start:wrapper]
+class MultiHeadAttentionWrapper(nn.Module):
+    """Step 5: ``n_heads`` independent causal heads, each ``d_out / n_heads`` wide, side by side.
+
+    One softmax average can only take one mixture of the past; several heads take several, each with
+    its own projections. The cost: ``n_heads`` small matrix products per projection where one large
+    one would do, which step 6 (``MultiHeadAttention``) removes.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        n_heads: int,
+        drop_rate: float = 0.0,
+        qkv_bias: bool = False,
+    ):
+        super().__init__()
+        if d_out % n_heads != 0:
+            raise ValueError(f"d_out ({d_out}) must be divisible by n_heads ({n_heads})")
+        head = (d_in, d_out // n_heads, context_length, drop_rate, qkv_bias)
+        self.heads = nn.ModuleList([CausalAttention(*head) for _ in range(n_heads)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # n_heads outputs of (B, T, hd), put side by side along the last dimension: (B, T, d_out)
+        return torch.cat([head(x) for head in self.heads], dim=-1)
+
+
+# --8<-- [end:wrapper]
 
 
 # --8<-- [start:mha]

@@ -34,6 +34,27 @@ from src.attention import KVCache
 from src.errors import UserError
 
 
+# --8<-- [start:filters]
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., V) logits with all but the ``k`` largest of each row set to -inf."""
+    kth_best = torch.topk(logits, min(k, logits.shape[-1])).values[..., -1:]  # (..., 1)
+    return logits.masked_fill(logits < kth_best, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """(..., V) logits with all but the nucleus set to -inf: the most probable tokens whose
+    probabilities, added in that order, first reach ``p``. The most likely token always stays."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (..., V)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # Drop a token when the more likely ones before it already reach p.
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop = torch.zeros_like(mass_before, dtype=torch.bool).scatter(-1, order, mass_before >= p)
+    return logits.masked_fill(drop, float("-inf"))  # drop is back in vocabulary order
+
+
+# --8<-- [end:filters]
+
+
 # --8<-- [start:sample]
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Settings that cannot sample: refused before the first token, in the user's own terms."""
@@ -57,17 +78,9 @@ def sample_next(
         return logits.argmax(dim=-1, keepdim=True)  # greedy
     logits = logits / temperature
     if top_k is not None:
-        kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+        logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the more likely ones before it already reach top_p; the most
-        # likely token always stays.
-        mass_before = torch.cumsum(probs, dim=-1) - probs
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # original order
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = top_p_filter(logits, top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 

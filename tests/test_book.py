@@ -192,7 +192,7 @@ def test_every_page_renders_offline_in_chromium(served_book):
 def test_committed_diagrams_are_what_the_script_draws(tmp_path):
     # A diagram edited in the script but not regenerated would silently disagree with the book.
     subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "figures.py"), "--out", str(tmp_path)],
+        [sys.executable, str(REPO / "book" / "figures.py"), "--out", str(tmp_path)],
         check=True,
         capture_output=True,
     )

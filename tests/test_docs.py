@@ -13,7 +13,7 @@ def test_mkdocs_build_strict(built_book):
 
 def test_missing_snippet_section_fails_the_build(tmp_path):
     # The check above would be worthless if a broken reference still built: prove it does not.
-    for folder in ("docs", "src", "csrc", "benchmarks"):
+    for folder in ("docs", "src", "csrc", "benchmarks", "experiments", "book"):
         if (REPO / folder).is_dir():
             shutil.copytree(REPO / folder, tmp_path / folder)
     shutil.copy(REPO / "mkdocs.yml", tmp_path / "mkdocs.yml")

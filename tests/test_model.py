@@ -1,5 +1,7 @@
 """The model's building blocks: sizes, shapes and the equivalence of the attention paths."""
 
+import functools
+
 import pytest
 import torch
 
@@ -97,3 +99,78 @@ def test_causality_future_tokens_do_not_change_the_past():
     changed = idx.clone()
     changed[0, 8:] = (changed[0, 8:] + 1) % cfg.vocab_size
     torch.testing.assert_close(model(idx)[:, :8], model(changed)[:, :8])
+
+
+# What the model chapter explains: embeddings, the position limit, dropout and eval().
+
+
+def test_embedding_lookup_is_a_one_hot_matrix_product():
+    emb = torch.nn.Embedding(11, 5).double()
+    ids = torch.tensor([[3, 0, 3, 10], [7, 7, 1, 2]])
+    one_hot = torch.nn.functional.one_hot(ids, num_classes=11).double()  # (2, 4, 11)
+    torch.testing.assert_close(emb(ids), one_hot @ emb.weight)  # (2, 4, 5) both
+    # The gradients agree too: only the rows of ids that occur receive any, and a repeated id sums.
+    w = emb.weight.detach().clone().requires_grad_()
+    g = torch.randn(2, 4, 5, dtype=torch.float64)
+    (emb(ids) * g).sum().backward()
+    ((one_hot @ w) * g).sum().backward()
+    torch.testing.assert_close(emb.weight.grad, w.grad)
+    unused = [i for i in range(11) if i not in ids]
+    assert (emb.weight.grad[unused] == 0).all()
+
+
+def test_learned_positions_stop_at_context_length():
+    cfg = PRESETS["cpu-tiny"]
+    model = GPTModel(cfg)
+    assert model.pos_emb.weight.shape == (cfg.context_length, cfg.emb_dim)  # one row per position
+    with pytest.raises(IndexError):
+        model.pos_emb(torch.tensor([cfg.context_length]))  # no row for the next position
+    with pytest.raises(ValueError, match=f"exceeds context_length {cfg.context_length}"):
+        model(torch.zeros(1, cfg.context_length + 1, dtype=torch.long))
+    # A row learns only from sequences long enough to reach it: train on 10 tokens, and the
+    # position rows from 10 on receive no gradient at all.
+    model(torch.randint(0, cfg.vocab_size, (2, 10))).sum().backward()
+    grad = model.pos_emb.weight.grad
+    assert (grad[:10].abs().sum(-1) > 0).all() and (grad[10:] == 0).all()
+
+
+def test_dropout_sits_at_three_sites_and_eval_turns_every_one_off():
+    cfg = GPTConfig.from_preset("cpu-tiny", drop_rate=0.2)
+    model = GPTModel(cfg)
+    sites = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout))
+    per_block = [
+        f"trf_blocks.{i}.{s}" for i in range(cfg.n_layers) for s in ("att.dropout", "drop_shortcut")
+    ]
+    assert sites == sorted(["drop_emb", *per_block])
+    zeroed = {}  # site -> share of its output that is zero, on its first call in training
+
+    def record(name, module, args, out):  # returns None: the hook leaves the output as it is
+        zeroed.setdefault(name, (out == 0).float().mean().item())
+
+    for name in sites:
+        model.get_submodule(name).register_forward_hook(functools.partial(record, name))
+    idx = torch.randint(0, cfg.vocab_size, (4, 32))
+    model.train()
+    first, second = model(idx), model(idx)
+    assert not torch.equal(first, second)  # a new random mask on every call
+    assert set(zeroed) == set(sites)
+    # The attention weights are half zero from the mask already; the other sites are dense.
+    assert all(0.15 < v < 0.25 for n, v in zeroed.items() if "att" not in n), zeroed
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), model(idx), rtol=0, atol=0)
+        without = GPTModel(GPTConfig.from_preset("cpu-tiny", drop_rate=0.0))
+        without.load_state_dict(model.state_dict())
+        torch.testing.assert_close(model(idx), without(idx), rtol=0, atol=0)
+
+
+def test_a_linear_layer_counts_in_times_out_weights_and_acts_on_each_position_alone():
+    layer = torch.nn.Linear(768, 3072)
+    assert layer.weight.numel() == 768 * 3072 == 2_359_296
+    assert sum(p.numel() for p in layer.parameters()) == 2_359_296 + 3072
+    x = torch.randn(2, 5, 768)
+    y = layer(x)  # (2, 5, 3072)
+    torch.testing.assert_close(y[1, 3], layer(x[1, 3]))  # one position alone gives the same row
+    x[0, 0] += 1.0  # change one position: only its own output moves
+    changed = (layer(x) != y).any(-1)
+    assert changed[0, 0] and changed.sum() == 1

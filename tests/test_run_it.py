@@ -1,8 +1,8 @@
-"""The "Run it" outputs in the book are what ``benchmarks/run_it.py`` prints today.
+"""The "Run it" outputs in the book are what ``book/run_it.py`` prints today.
 
 Each chapter is regenerated into a temporary folder and compared with the committed file, so a change
 to the code that changes what a reader would see fails here until the page is regenerated with
-``uv run python benchmarks/run_it.py CHAPTER``.
+``uv run python book/run_it.py CHAPTER``.
 
 The comparison is exact for the words and the layout, and within a stated tolerance for the numbers:
 CPUs with and without AVX-512 (and different BLAS kernels on the same width) add in different
@@ -21,7 +21,7 @@ from conftest import REPO
 from src import fused_softmax
 from src.data import load_corpus
 
-spec = importlib.util.spec_from_file_location("run_it", REPO / "benchmarks" / "run_it.py")
+spec = importlib.util.spec_from_file_location("run_it", REPO / "book" / "run_it.py")
 run_it = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(run_it)
 
@@ -128,7 +128,7 @@ def test_committed_output_is_what_the_script_prints(chapter, tmp_path):
     found = differences(committed, (tmp_path / f"{chapter}.md").read_text(), tol)
     assert not found, (
         f"the code now prints something else ({tol.reason} is allowed): {found[:5]}; "
-        f"regenerate with uv run python benchmarks/run_it.py {chapter}"
+        f"regenerate with uv run python book/run_it.py {chapter}"
     )
 
 

@@ -4,10 +4,10 @@ A diagram is a set of boxes placed on a grid (row, column) and arrows between th
 tensor as it flows through a component, for example. The output is plain SVG that any browser shows
 offline, written to ``docs/assets/diagrams/``.
 
-    uv run python benchmarks/figures.py
+    uv run python book/figures.py
 """
 
-import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Polygon, Rectangle  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from src.cli import Parser  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "assets" / "diagrams"
 BOX_W, BOX_H, ROW_STEP, COL_STEP = 2.6, 0.62, 1.1, 2.9
@@ -240,7 +243,7 @@ DIAGRAMS: dict[str, tuple[dict[str, Box], list[Edge]]] = {
         + [("base", "sum", "base(x)\n(..., out)"), ("B", "sum")],
     ),
     # BPETokenizer.encode("The newest") with the 8,192-token tokenizer of the default corpus (Python
-    # 3.11's documentation), as `uv run python benchmarks/run_it.py tokens` trains it. The pieces
+    # 3.11's documentation), as `uv run python book/run_it.py tokens` trains it. The pieces
     # after each merge are tok._bpe(b" newest", max_rank=r) for r = 256, 279, 302, 511, 729, 975;
     # the ids are tok.encode("The newest").
     "tokens": (
@@ -295,11 +298,11 @@ DIAGRAMS: dict[str, tuple[dict[str, Box], list[Edge]]] = {
     ),
     "instructions": _instruct_cells(),
     # train.py, one optimizer step on W = 2 processes: every rank computes the same global batch
-    # (step_windows) and keeps its slice, B / W windows; DDP averages the gradients.
+    # (step_batch) and keeps its slice, B / W windows; DDP averages the gradients.
     "scaling-out": (
         {
             "batch": Box(
-                "step_windows(step, ...): batch_size = B\nwindows, the same on every rank",
+                "step_batch(step, ...): batch_size = B\nwindows, the same on every rank",
                 "data",
                 0,
                 0.5,
@@ -408,8 +411,8 @@ def draw_flash_tiles(path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT})")
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT, help="output folder")
     args = parser.parse_args()
     for name, (boxes, edges) in DIAGRAMS.items():
         path = args.out / f"{name}.svg"

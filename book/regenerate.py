@@ -4,18 +4,17 @@ Each page says which command made each of its figures and tables. This script ru
 commands, in about the order of the chapters, and stops at the first one that fails; ``--from NAME`` then
 starts again at that step, since every earlier step has already written its files:
 
-    uv run python benchmarks/regenerate.py                  # everything this machine can run
-    uv run python benchmarks/regenerate.py --list           # the steps, their commands, their outputs
-    uv run python benchmarks/regenerate.py break-it run-it  # some steps
-    uv run python benchmarks/regenerate.py --skip verdict   # all but the chapter-5 run
+    uv run python book/regenerate.py                  # everything this machine can run
+    uv run python book/regenerate.py --list           # the steps, their commands, their outputs
+    uv run python book/regenerate.py break-it run-it  # some steps
+    uv run python book/regenerate.py --skip verdict   # all but the chapter-5 run
 
 A step that needs something this machine lacks (the reference data for the chapter-5 run and the
 GPT-2 comparison, an H100 for the GPU benchmark) is skipped, and the script says why; the training
-benchmark compares with nanoGPT when ``$NANOGPT`` names a checkout of it. Every output is
+benchmark compares with nanoGPT when ``$NANOGPT`` names its ``model.py``. Every output is
 written into ``docs/assets/``; ``git diff`` then shows what changed.
 """
 
-import argparse
 import os
 import shlex
 import shutil
@@ -29,6 +28,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from src.cli import Parser  # noqa: E402
 
 
 def reference_data() -> Path | None:
@@ -70,12 +71,6 @@ def needs_nvcc() -> str | None:
     return None
 
 
-def nanogpt_args() -> list[str]:
-    """The nanoGPT checkout to compare the training step with, if ``$NANOGPT`` names one."""
-    path = os.environ.get("NANOGPT")
-    return ["--nanogpt", path] if path else []
-
-
 @dataclass(frozen=True)
 class Step:
     name: str
@@ -86,8 +81,8 @@ class Step:
 
 
 STEPS = [
-    Step("figures", lambda: [["benchmarks/figures.py"]], "diagrams/*.svg", 1),
-    Step("break-it", lambda: [["benchmarks/break_it.py"]], "break-it/*.md", 10),
+    Step("figures", lambda: [["book/figures.py"]], "diagrams/*.svg", 1),
+    Step("break-it", lambda: [["-m", "experiments"]], "break-it/*.md", 10),
     Step("tokenizer", lambda: [["benchmarks/tokenizer.py", "--repeats", "7"]],
          "tokenizer-benchmark.{json,md}", 3),
     Step("attention", lambda: [["benchmarks/attention.py"]], "attention-benchmark.{json,md,png}", 12),
@@ -98,17 +93,18 @@ STEPS = [
                    "--out", "docs/assets/attention-benchmark-h100"]],
          "attention-benchmark-h100.{json,md,png}", 2, needs_h100),
     Step("ptxas", lambda: [["benchmarks/ptxas.py"]], "flash-ptxas.md", 8, needs_nvcc),
-    Step("train-speed", lambda: [["benchmarks/train.py", *nanogpt_args()]],
+    Step("activations", lambda: [["experiments/activations.py"]], "gelu-vs-relu.md", 5),
+    Step("train-speed", lambda: [["benchmarks/train.py"]],
          "train-{benchmark.json,benchmark.md,nanogpt.md}", 6),
     Step("generate-speed", lambda: [["benchmarks/generate.py"]], "generate-benchmark.{json,md}", 1),
     Step("default-run",
-         lambda: [["-m", "src.train"], ["benchmarks/curves.py", "runs/default"]],
+         lambda: [["-m", "src.train"], ["book/curves.py", "runs/default"]],
          "default-curve.{png,md}", 4),
     # After the default run: the Generating chapter's output is the generator on its checkpoint.
-    Step("run-it", lambda: [["benchmarks/run_it.py"]], "run-it/*.md", 15),  # 13 of them instructions
+    Step("run-it", lambda: [["book/run_it.py"]], "run-it/*.md", 15),  # 13 of them instructions
     Step("verdict",
          lambda: [verdict_command(),
-                  ["benchmarks/curves.py", "runs/verdict", "--reference", "verdict"]],
+                  ["book/curves.py", "runs/verdict", "--reference", "verdict"]],
          "verdict-curve.{png,md}", 10, needs_reference_data),
 ]  # fmt: skip
 BY_NAME = {step.name: step for step in STEPS}
@@ -119,9 +115,7 @@ def shown(args: list[str]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("steps", nargs="*", metavar="STEP", help="steps to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list the steps and exit")
     parser.add_argument("--skip", nargs="+", default=[], metavar="STEP", help="steps to leave out")
@@ -160,7 +154,7 @@ def main() -> None:
             if subprocess.run([sys.executable, *command], cwd=REPO).returncode != 0:
                 sys.exit(
                     f"error: step {step.name} failed; after fixing it, continue with "
-                    f"`uv run python benchmarks/regenerate.py --from {step.name}`"
+                    f"`uv run python book/regenerate.py --from {step.name}`"
                 )
         print(f"== {step.name} done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     print(f"all done in {(time.perf_counter() - total) / 60:.1f} min; `git diff docs/assets` shows "

@@ -7,8 +7,8 @@ command, run as a subprocess; the page shows the command line and what it printe
 the default run's checkpoint (``uv run python -m src.train`` makes it). Either way the output is written to
 ``docs/assets/run-it/<chapter>.md``, which the page includes unchanged:
 
-    uv run python benchmarks/run_it.py                # every chapter, about a minute on a laptop CPU
-    uv run python benchmarks/run_it.py tokens model   # some
+    uv run python book/run_it.py                # every chapter, about a minute on a laptop CPU
+    uv run python book/run_it.py tokens model   # some
 
 The outputs repeat exactly from run to run: fixed seeds, one thread, and nothing that depends on the
 moment or the machine's folders (the commands' timings become "…", temporary folders are dropped from
@@ -16,7 +16,6 @@ paths, the home folder is written ``~``). ``tests/test_run_it.py`` regenerates t
 committed files.
 """
 
-import argparse
 import contextlib
 import copy
 import csv
@@ -39,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 from src import flash_attention, fused_softmax
 from src.attention import MultiHeadAttention, causal_mask, causal_softmax
+from src.cli import Parser
 from src.data import (
     GPTDataset,
     load_corpus,
@@ -450,13 +450,13 @@ CHAPTERS: dict[str, Callable[[], str]] = {
 
 def write(name: str, out: Path) -> str:
     """Run one chapter and write its output, with the command that made it, to ``out/name.md``."""
-    text = CHAPTERS[name]() + f"\n*Made by `uv run python benchmarks/run_it.py {name}`.*\n"
+    text = CHAPTERS[name]() + f"\n*Made by `uv run python book/run_it.py {name}`.*\n"
     (out / f"{name}.md").write_text(text)
     return text
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "chapters",
         nargs="*",
@@ -464,7 +464,7 @@ def main() -> None:
         metavar="CHAPTER",
         help=f"chapters to run (default: all of {', '.join(CHAPTERS)})",
     )
-    parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT})")
+    parser.add_argument("--out", type=Path, default=OUT, help="output folder")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the same numbers on every run, and kind to a shared machine
     args.out.mkdir(parents=True, exist_ok=True)
