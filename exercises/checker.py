@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-CHAPTERS = ("tokens", "batches", "attention", "fused-softmax", "model", "pretraining",
-            "generating", "gpt2-weights", "classification", "instructions", "lora", "scaling-out")  # fmt: skip
+CHAPTERS = ("tokens", "batches", "attention", "fused-softmax", "flash-attention", "model",
+            "pretraining", "generating", "gpt2-weights", "classification", "instructions", "lora",
+            "scaling-out")  # fmt: skip
 
 
 # --8<-- [start:exercise]
