@@ -12,20 +12,21 @@ the system, so that no version pays page faults for fresh allocations.
     uv run python benchmarks/attention_versions.py --quick    # a smoke run into a temp dir
 """
 
-import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from attention import reuse_pages  # benchmarks/attention.py: freed memory is reused, no page faults
+from benchmarks.attention import reuse_pages  # freed memory is reused: no page faults
+from benchmarks.harness import markdown_table, median_times
 from src import flash_attention
 from src.attention import causal_mask, causal_softmax
+from src.cli import Parser, positive_int, run_command
+from src.errors import UserError
+from src.files import write_atomically
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "assets" / "attention-versions"
 # What each step buys, for the table (the chapter explains it).
@@ -46,36 +47,39 @@ def reference(q, k, v, scale):
     return weights @ v.double()
 
 
-def measure(q, k, v, scale, repeats: int) -> dict[int, list[float]]:
-    """Milliseconds per call of every version, the versions interleaved round by round."""
-    times = {version: [] for version in flash_attention.VERSIONS}
-    for rep in range(repeats + 1):  # the first round warms up
-        for version in times:
-            start = time.perf_counter()
-            flash_attention.forward_version(q, k, v, scale, version)
-            if rep:
-                times[version].append((time.perf_counter() - start) * 1e3)
-    return times
+def measure(q, k, v, scale, repeats: int) -> dict[int, float]:
+    """Median milliseconds per call of every version, the versions interleaved round by round."""
+    candidates = {
+        version: lambda version=version: flash_attention.forward_version(q, k, v, scale, version)
+        for version in flash_attention.VERSIONS
+    }
+    return {v: 1e3 * t for v, t in median_times(candidates, repeats, warmup=1).items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--T", type=int, default=1024, help="sequence length (default 1024)")
-    parser.add_argument("--heads", type=int, default=12, help="B*H (default 12, GPT-2 small)")
-    parser.add_argument("--threads", type=int, default=2, help="threads for versions 3-6")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per version")
-    parser.add_argument("--quick", action="store_true", help="T=256, 2 heads, 2 repeats, temp dir")
-    parser.add_argument("--out", type=Path, default=None, help="output prefix for .json and .md")
-    args = parser.parse_args()
+def parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--T", type=positive_int, default=1024, help="sequence length (default 1024)")
+    p.add_argument("--heads", type=positive_int, default=12, help="B*H (default 12, GPT-2 small)")
+    p.add_argument("--threads", type=positive_int, default=2, help="threads for versions 3-6")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed calls per version")
+    p.add_argument("--quick", action="store_true", help="T=256, 2 heads, 2 repeats, temp dir")
+    p.add_argument("--out", type=Path, default=None, help="output prefix for .json and .md")
+    return p
+
+
+def run(args) -> None:
     if args.quick:
         args.T, args.heads, args.repeats = 256, 2, 2
     out = args.out or (Path(tempfile.gettempdir()) / "attention-versions" if args.quick else OUT)
-    flash_attention.ensure_available()
+    try:
+        flash_attention.ensure_available()
+    except RuntimeError as err:
+        raise UserError(str(err)) from None
     torch.set_num_threads(args.threads)
     reuse_pages()  # as in a training loop's steady state: version 5's (T, T) tensors reuse memory
     torch.manual_seed(0)
     D, scale = 64, 1 / 8
-    q, k, v = (torch.randn(1, args.heads, args.T, D) for _ in range(3))
+    q, k, v = (torch.randn(1, args.heads, args.T, D) for _ in range(3))  # (1, B*H, T, D)
     want = reference(q, k, v, scale)
     errors = {
         version: (flash_attention.forward_version(q, k, v, scale, version).double() - want)
@@ -84,7 +88,7 @@ def main() -> None:
         .item()
         for version in flash_attention.VERSIONS
     }
-    ms = {ver: statistics.median(t) for ver, t in measure(q, k, v, scale, args.repeats).items()}
+    ms = measure(q, k, v, scale, args.repeats)
     flops = 4 * args.heads * args.T * (args.T + 1) / 2 * D
     report = {
         "torch": torch.__version__,
@@ -95,47 +99,36 @@ def main() -> None:
         "head_dim": D,
         "repeats": args.repeats,
         "versions": [
-            {
-                "version": ver,
-                "name": name,
-                "threads": 1 if ver <= 2 else args.threads,
-                "ms": ms[ver],
-                "gflops": flops / ms[ver] / 1e6,
-                "max_error": errors[ver],
-            }
+            {"version": ver, "name": name, "threads": 1 if ver <= 2 else args.threads,
+             "ms": ms[ver], "gflops": flops / ms[ver] / 1e6, "max_error": errors[ver]}
             for ver, name in flash_attention.VERSIONS.items()
         ],
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(report))
+    }  # fmt: skip
+    write_atomically(out.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
+    write_atomically(out.with_suffix(".md"), to_markdown(report))
     print(to_markdown(report))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 
 
 def to_markdown(report: dict) -> str:
     rows = report["versions"]
-    lines = [
-        "| version | threads | ms | GFLOP/s | vs previous | vs version 1 | max error | what it buys |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for i, r in enumerate(rows):
-        previous = rows[i - 1]["ms"] / r["ms"] if i else 1.0
-        lines.append(
-            f"| {r['version']}. {r['name']} | {r['threads']} | {r['ms']:,.1f} | {r['gflops']:.1f} "
-            f"| {previous:.1f}x | {rows[0]['ms'] / r['ms']:,.0f}x | {r['max_error']:.0e} "
-            f"| {STEP[r['version']]} |"
-        )
-    lines += [
-        "",
+    table = [
+        [f"{r['version']}. {r['name']}", r["threads"], f"{r['ms']:,.1f}", f"{r['gflops']:.1f}",
+         f"{(rows[i - 1]['ms'] / r['ms'] if i else 1.0):.1f}x", f"{rows[0]['ms'] / r['ms']:,.0f}x",
+         f"{r['max_error']:.0e}", STEP[r["version"]]]
+        for i, r in enumerate(rows)
+    ]  # fmt: skip
+    header = ["version", "threads", "ms", "GFLOP/s", "vs previous", "vs version 1", "max error",
+              "what it buys"]  # fmt: skip
+    made_by = (
         f"*Made by `uv run python benchmarks/attention_versions.py` (float32, B*H = {report['BH']}, "
         f"T = {report['T']}, head dim {report['head_dim']}, {report['threads']} threads for versions "
         f"3-6, {report['cpu_capability']}, torch {report['torch']}, median of {report['repeats']}; "
         "GFLOP/s counts the causal half of both products; max error against the float64 eager "
-        "path).*",
-    ]
-    return "\n".join(lines) + "\n"
+        "path).*"
+    )
+    return f"{markdown_table(header, table, align='lrrrrrrl')}\n\n{made_by}\n"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(parser(), run, sys.argv[1:]))

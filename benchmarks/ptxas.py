@@ -8,7 +8,6 @@ script fails if any kernel of ``csrc/`` uses stack or spills.
     uv run python benchmarks/ptxas.py        # a few minutes: two architectures, every kernel
 """
 
-import argparse
 import os
 import re
 import subprocess
@@ -19,6 +18,12 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from benchmarks.harness import markdown_table  # noqa: E402
+from src.cli import Parser, run_command  # noqa: E402
+from src.errors import UserError  # noqa: E402
+from src.files import write_atomically  # noqa: E402
+
 OUT = REPO / "docs" / "assets" / "flash-ptxas.md"
 ARCHS = "8.0;9.0"
 
@@ -71,13 +76,12 @@ def to_markdown(entries: list[tuple]) -> str:
             kernel, dtype, nu = named
             regs[kernel, dtype][arch, nu] = registers
     flash = sum(1 for e in entries if demangle(e[0]))
-    lines = ["| kernel | dtype | registers, sm_80 (NU = 1, 2, 3, 4) | registers, sm_90 |",
-             "| --- | --- | --- | --- |"]  # fmt: skip
-    for (kernel, dtype), by in sorted(regs.items()):
-        cells = [", ".join(str(r) for (a, _), r in sorted(by.items()) if a == arch)
-                 for arch in ("sm_80", "sm_90")]  # fmt: skip
-        lines.append(f"| `{kernel}` | {dtype} | {cells[0]} | {cells[1]} |")
-    lines += [
+    rows = [[f"`{kernel}`", dtype, *(", ".join(str(r) for (a, _), r in sorted(by.items()) if a == arch)
+                                     for arch in ("sm_80", "sm_90"))]
+            for (kernel, dtype), by in sorted(regs.items())]  # fmt: skip
+    header = ["kernel", "dtype", "registers, sm_80 (NU = 1, 2, 3, 4)", "registers, sm_90"]
+    lines = [
+        markdown_table(header, rows),
         "",
         f"*Made by `uv run python benchmarks/ptxas.py` ({flash // 2} flash kernels for sm_80 and "
         f"sm_90; every one of the {len(entries)} kernel builds in the log with 0 bytes of stack "
@@ -87,11 +91,14 @@ def to_markdown(entries: list[tuple]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=OUT, help="where the Markdown table goes")
-    parser.add_argument("--log", type=Path, help="parse this build log instead of building")
-    args = parser.parse_args()
+def parser() -> Parser:
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=OUT, help="where the Markdown table goes")
+    p.add_argument("--log", type=Path, help="parse this build log instead of building")
+    return p
+
+
+def run(args) -> None:
     if args.log:
         log = args.log.read_text()
     else:
@@ -101,16 +108,16 @@ def main() -> None:
                                   capture_output=True, env={**os.environ, **env})  # fmt: skip
             log = done.stdout + done.stderr
             if done.returncode != 0:
-                sys.exit(f"error: the CUDA build failed:\n{log[-3000:]}")
+                raise UserError(f"the CUDA build failed:\n{log[-3000:]}")
     entries, bad = parse(log)
     if not entries:
-        sys.exit("error: no ptxas output found in the build log")
+        raise UserError("no ptxas output found in the build log")
     if bad:
-        sys.exit(f"error: kernels with stack or spills: {bad}")
-    args.out.write_text(to_markdown(entries))
+        raise UserError(f"kernels with stack or spills: {bad}")
+    write_atomically(args.out, to_markdown(entries))
     print(to_markdown(entries))
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(parser(), run, sys.argv[1:]))
