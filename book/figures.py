@@ -29,6 +29,7 @@ COLORS = {
     "param": "#e8f5e9",
     "frozen": "#eceff1",
     "note": "#f3e5f5",
+    "changed": "#fce4ec",  # what a later design does differently (the modern block)
 }
 
 
@@ -127,6 +128,34 @@ def _instruct_cells() -> tuple[dict[str, Box], list[Edge]]:
     )
     # The model at position j is trained to predict targets[j], the token after inputs[j].
     return boxes, [(f"inputs{j}", f"targets{j}") for j in range(7)]
+
+
+# model.py's TransformerBlock with GPT-2's switches (cpu-small) and with every modern switch on
+# (cpu-llama), row beside row; pink boxes are what the modern block does differently.
+def _modern_block() -> tuple[dict[str, Box], list[Edge]]:
+    rows = [
+        ("GPT-2 block (cpu-small)", "note", "Llama-style (cpu-llama)", "note"),
+        ("tok_emb + pos_emb\nlearned, one per position", "op",
+         "tok_emb\nno position table", "changed"),
+        ("norm1: LayerNorm\n(x - mean) / std + shift", "op",
+         "norm1: RMSNorm\nx / root mean square", "changed"),
+        ("q, k, v: 4 heads each\n(GPT-2's have biases)", "op",
+         "q: 4 heads; k, v: 2 heads\ngrouped-query attention", "changed"),
+        ("", "", "QK-norm: RMSNorm per head\nRoPE: rotate q and k", "changed"),
+        ("softmax(q k^T/sqrt(hd)) v\ncausal, (B, 4, T, hd)", "op",
+         "softmax(q k^T/sqrt(hd)) v\n2 q heads per k, v head", "op"),
+        ("x + out_proj(context)\nwith a bias", "op", "x + out_proj(context)\nno bias", "changed"),
+        ("norm2: LayerNorm", "op", "norm2: RMSNorm", "changed"),
+        ("x + proj(GELU(fc(x)))\nwidth 4 x 256 = 1024", "op",
+         "x + proj(SiLU(g) * fc(x))\ng = gate(x); width 704", "changed"),
+    ]  # fmt: skip
+    boxes = {}
+    for row, (left, left_kind, right, right_kind) in enumerate(rows):
+        if left:
+            boxes[f"l{row}"] = Box(left, left_kind, row, 0)
+        boxes[f"r{row}"] = Box(right, right_kind, row, 1)
+    left_rows = [f"l{r}" for r in range(1, len(rows)) if f"l{r}" in boxes]
+    return boxes, chain(*left_rows) + chain(*[f"r{r}" for r in range(1, len(rows))])
 
 
 DIAGRAMS: dict[str, tuple[dict[str, Box], list[Edge]]] = {
@@ -297,6 +326,7 @@ DIAGRAMS: dict[str, tuple[dict[str, Box], list[Edge]]] = {
         + [("lengths", "pick")],
     ),
     "instructions": _instruct_cells(),
+    "modern-block": _modern_block(),
     # train.py, one optimizer step on W = 2 processes: every rank computes the same global batch
     # (step_batch) and keeps its slice, B / W windows; DDP averages the gradients.
     "scaling-out": (

@@ -102,6 +102,8 @@ STEPS = [
          "default-curve.{png,md}", 4),
     # After the default run: the Generating chapter's output is the generator on its checkpoint.
     Step("run-it", lambda: [["book/run_it.py"]], "run-it/*.md", 15),  # 13 of them instructions
+    Step("modern", lambda: [["experiments/modern.py"]], "modern/*.md", 6),
+    Step("ablation", lambda: [["experiments/ablation.py"]], "ablation.{md,json}", 120),
     Step("verdict",
          lambda: [verdict_command(),
                   ["book/curves.py", "runs/verdict", "--reference", "verdict"]],

@@ -131,7 +131,7 @@ def attention() -> None:
         q = mha.W_query(x).view(1, T, H, d // H).transpose(1, 2)  # (B, H, T, hd)
         k = mha.W_key(x).view(1, T, H, d // H).transpose(1, 2)  # (B, H, T, hd)
         scores = q @ k.transpose(-2, -1)  # (B, H, T, T)
-        weights = causal_softmax(scores, (d // H) ** -0.5, mha.mask[:T, :T])
+        weights = causal_softmax(scores, (d // H) ** -0.5, causal_mask(T))
     print("head 0's weights (row: a query token; columns: the tokens it sees)")
     print(" " * 7 + "".join(f"{w!r:>8}" for w in words) + "   row sum")
     for t, row in enumerate(weights[0, 0].tolist()):

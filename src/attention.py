@@ -25,6 +25,16 @@ Before ``MultiHeadAttention``, the module builds it up in five steps, each addin
 before: dot products of the raw vectors, trainable projections, the causal mask, dropout on the
 weights, and several heads side by side. Given the same weights, each step computes what the next
 one computes (``tests/test_attention_steps.py``).
+
+Three later ideas change what goes into that core, not the core itself; each is off by default, so
+the layer is GPT-2's unless asked (the chapter "From GPT-2 to a modern LLM" explains them):
+
+- **grouped-query attention**: ``n_kv_heads < n_heads`` key/value heads, each shared by a group of
+  query heads, so the KV cache holds fewer of them (``n_kv_heads=1`` is multi-query attention);
+- **rotary position embeddings** (``rope_theta``): q and k are rotated by an angle proportional to
+  their position, so that ``q . k`` depends on how far apart two tokens are;
+- **QK-norm** (``qk_norm``): each head's query and key are RMS-normalised before the product, which
+  bounds the scores.
 """
 
 import math
@@ -150,7 +160,10 @@ class MultiHeadAttentionWrapper(nn.Module):
 
 # --8<-- [start:mha]
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head self-attention over a sequence of ``d_in``-dimensional vectors."""
+    """Causal multi-head self-attention over a sequence of ``d_in``-dimensional vectors.
+
+    The arguments after ``attn_impl`` are the modern switches; their defaults give GPT-2's layer.
+    """
 
     def __init__(
         self,
@@ -161,61 +174,176 @@ class MultiHeadAttention(nn.Module):
         drop_rate: float = 0.0,
         qkv_bias: bool = False,
         attn_impl: str = "eager",
+        n_kv_heads: int | None = None,  # key/value heads; n_heads when not given
+        head_dim: int | None = None,  # d_out // n_heads when not given
+        out_bias: bool = True,  # a bias on out_proj
+        rope_theta: float | None = None,  # rotary position embedding with this base, or none
+        qk_norm: bool = False,  # RMS-normalise each head's query and key
+        norm_eps: float = 1e-6,  # of QK-norm
     ):
         super().__init__()
-        if d_out % n_heads != 0:
+        n_kv_heads = n_kv_heads or n_heads
+        if head_dim is None and d_out % n_heads != 0:
             raise ValueError(f"d_out ({d_out}) must be divisible by n_heads ({n_heads})")
+        if n_heads % n_kv_heads != 0:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         self.d_out = d_out
+        self.context_length = context_length
         self.n_heads = n_heads
-        self.head_dim = d_out // n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim or d_out // n_heads
         self.drop_rate = drop_rate
         self.attn_impl = attn_impl
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
+        inner = n_heads * self.head_dim  # d_out, unless head_dim says otherwise (Qwen3)
+        self.W_query = nn.Linear(d_in, inner, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(inner, d_out, bias=out_bias)
         self.dropout = nn.Dropout(drop_rate)
-        # A buffer moves with the module (.to(device)) but is not a trained parameter, and is not
-        # saved in checkpoints.
-        self.register_buffer("mask", causal_mask(context_length), persistent=False)
+        self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        self.rope = RotaryEmbedding(self.head_dim, rope_theta) if rope_theta else None
 
     def forward(self, x: torch.Tensor, kv_cache: "KVCache | None" = None) -> torch.Tensor:
         B, T, _ = x.shape  # (B, T, d_in)
+        start = 0 if kv_cache is None else kv_cache.length  # tokens cached before these T
+        if start + T > self.context_length:
+            raise ValueError(
+                f"sequence length {start + T} exceeds context_length {self.context_length}"
+            )
+        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
         # Project, then split the last dimension into heads and move heads before time.
-        q = self.W_query(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.W_key(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        v = self.W_value(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        q = self.W_query(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.W_key(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.W_value(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        if self.q_norm is not None:  # each head's vector, before it is rotated
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:  # rotated by the positions start, start + 1, ...
+            q, k = self.rope(q, start), self.rope(k, start)
         if kv_cache is None:
             context = self.attend(q, k, v)  # (B, H, T, hd)
         else:
-            start = kv_cache.length  # tokens already in the cache come before these T
-            k, v = kv_cache.append(k, v)  # (B, H, start + T, hd)
-            context = attend_cached(q, k, v, self.mask[start : start + T, : start + T])
+            k, v = kv_cache.append(k, v)  # (B, KV, start + T, hd): only the key/value heads
+            context = attend_cached(q, k, v, causal_mask(T, x.device, start))
         # Put the heads side by side again and mix them.
-        context = context.transpose(1, 2).reshape(B, T, self.d_out)  # (B, T, d_out)
-        return self.out_proj(context)
+        context = context.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H * hd)
+        return self.out_proj(context)  # (B, T, d_out)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The attention core: causal softmax(q k^T / sqrt(head_dim)) v, by ``attn_impl``."""
+        """The attention core: causal softmax(q k^T / sqrt(head_dim)) v, by ``attn_impl``.
+
+        q is (B, H, T, hd); k and v are (B, KV, T, hd), each key/value head shared by the
+        ``H / KV`` query heads of its group."""
         drop = self.drop_rate if self.training else 0.0
         scale = 1.0 / math.sqrt(self.head_dim)
         if self.attn_impl == "flash" and flash_attention.runs(drop):
             return flash_attention.flash_causal_attention(q, k, v, scale)  # (B, H, T, hd)
         if self.attn_impl in ("sdpa", "flash"):  # flash: with dropout or no kernel, warned once
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True,
+                                                  enable_gqa=self.n_kv_heads != self.n_heads)  # fmt: skip
         T = q.shape[-2]
-        scores = q @ k.transpose(-2, -1)  # (B, H, T, T)
+        scores = grouped_scores(q, k)  # (B, H, T, T)
         if self.attn_impl == "fused" and fused_softmax.is_available():
             weights = fused_softmax.fused_causal_softmax(scores, scale)  # (B, H, T, T)
         else:
-            weights = causal_softmax(scores, scale, self.mask[:T, :T])  # (B, H, T, T)
+            weights = causal_softmax(scores, scale, causal_mask(T, q.device))  # (B, H, T, T)
         weights = self.dropout(weights)
-        return weights @ v  # (B, H, T, hd)
+        return grouped_mix(weights, v)  # (B, H, T, hd)
 
 
 # --8<-- [end:mha]
+
+
+# --8<-- [start:grouped]
+def grouped_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q k^T for every query head, with each key head shared by a group of G query heads.
+
+    Query heads ``g * G .. g * G + G - 1`` form group ``g`` and read key head ``g``. Stacking a
+    group's queries along time makes one matrix product per key head: the keys are read as they
+    are, never copied G times. With G = 1 this is the plain ``q @ k^T``.
+    """
+    B, H, T, hd = q.shape
+    KV, S = k.shape[1], k.shape[2]  # S: the number of keys (T, or more with a cache)
+    q = q.reshape(B, KV, (H // KV) * T, hd)  # (B, KV, G*T, hd): a group's queries, stacked
+    return (q @ k.transpose(-2, -1)).view(B, H, T, S)  # (B, KV, G*T, S) -> (B, H, T, S)
+
+
+def grouped_mix(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """weights @ v, with each value head shared by its group of query heads, as in ``grouped_scores``."""
+    B, H, T, S = weights.shape
+    KV, hd = v.shape[1], v.shape[3]
+    out = weights.reshape(B, KV, (H // KV) * T, S) @ v  # (B, KV, G*T, hd)
+    return out.view(B, H, T, hd)
+
+
+# --8<-- [end:grouped]
+
+
+# --8<-- [start:rmsnorm]
+class RMSNorm(nn.Module):
+    """Scale each vector to unit root-mean-square, then by a learned gain: LayerNorm without the
+    mean and without the shift (Zhang and Sennrich, 2019).
+
+    It sits here, not beside LayerNorm in ``src/model.py``, because QK-norm inside attention uses
+    it too; the model's blocks import it from here.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32 even under bf16 autocast: a mean of squares in bf16 loses the small ones.
+        x32 = x.float()
+        rms_inv = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # 1 / RMS(x)
+        return self.scale * (x32 * rms_inv).to(x.dtype)  # g * x / RMS(x)
+
+
+# --8<-- [end:rmsnorm]
+
+
+# --8<-- [start:rope]
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al., 2021): rotate q and k by angles that grow with position.
+
+    A head's ``hd`` dimensions form ``hd / 2`` pairs; pair ``i`` at position ``m`` is rotated by
+    the angle ``m * theta_i``, with ``theta_i = base^(-2i / hd)``: fast-turning pairs for
+    fine position, slow ones for coarse. A rotation keeps lengths, and the dot product of a query
+    rotated by ``m * theta`` with a key rotated by ``n * theta`` depends only on ``m - n``.
+
+    The pairs here are *half-split*, ``(x_i, x_{i + hd/2})``, as Hugging Face's Llama and Qwen
+    code has them; the paper and Meta's original Llama code pair neighbours, ``(x_{2i}, x_{2i+1})``
+    (*interleaved*). Both are the same rotation with the head's dimensions listed in another order.
+    """
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+        # theta_i = base^(-2i/hd), i = 0 .. hd/2 - 1, computed as Hugging Face computes it.
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        self.register_buffer("inv_freq", 1.0 / (base**exponents), persistent=False)  # (hd/2,)
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """``x`` (B, heads, T, hd) at positions ``start .. start + T - 1``, rotated."""
+        T = x.shape[-2]
+        positions = torch.arange(start, start + T, device=x.device, dtype=torch.float32)
+        angles = torch.outer(positions, self.inv_freq.float())  # (T, hd/2): m * theta_i
+        angles = torch.cat((angles, angles), dim=-1)  # (T, hd): pair i's angle at i and i + hd/2
+        return (x * angles.cos() + rotate_half(x) * angles.sin()).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves: each pair (a, b) becomes (-b, a), a quarter turn.
+    So x cos + rotate_half(x) sin = (a cos - b sin, b cos + a sin), pair by pair."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+# --8<-- [end:rope]
 
 
 # --8<-- [start:kv_cache]
@@ -224,10 +352,11 @@ class KVCache:
 
     A token's key and value depend only on the tokens up to it, so they never change once computed.
     Keeping them lets each new token cost one row of attention instead of re-running the prefix.
+    With grouped-query attention only the ``n_kv_heads`` key/value heads are kept.
     """
 
     def __init__(self):
-        self.k: torch.Tensor | None = None  # (B, H, length, hd)
+        self.k: torch.Tensor | None = None  # (B, KV, length, hd)
         self.v: torch.Tensor | None = None
 
     @property
@@ -251,17 +380,19 @@ def attend_cached(
     computes exactly what the eager path computes.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    weights = causal_softmax(q @ k.transpose(-2, -1), scale, mask)  # (B, H, T, start + T)
-    return weights @ v  # (B, H, T, hd)
+    weights = causal_softmax(grouped_scores(q, k), scale, mask)  # (B, H, T, start + T)
+    return grouped_mix(weights, v)  # (B, H, T, hd)
 
 
 # --8<-- [end:kv_cache]
 
 
 # --8<-- [start:causal_softmax]
-def causal_mask(T: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """(T, T), True above the diagonal: the future positions that query ``i`` must not see."""
-    return torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)
+def causal_mask(T: int, device: torch.device | str | None = None, start: int = 0) -> torch.Tensor:
+    """(T, start + T), True where query ``i`` (at position ``start + i``) must not look: the keys
+    after it. Built for each call, at the size the scores have, so a long context costs no
+    (context_length, context_length) buffer in every layer."""
+    return torch.ones(T, start + T, dtype=torch.bool, device=device).triu(diagonal=start + 1)
 
 
 def causal_softmax(scores: torch.Tensor, scale: float, mask: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from src.data import fingerprint_of
 from src.errors import UserError
 from src.files import refuse_if_disk_full, write_atomically
 from src.model import GPTConfig, GPTModel
-from src.tokenizer import BPETokenizer, get_tokenizer
+from src.tokenizer import get_tokenizer
 
 LATEST = "latest"  # a small file naming the newest complete checkpoint folder
 STEP_FOLDER = re.compile(r"step_\d{7,}")  # the only names ``latest`` may hold
@@ -221,9 +221,7 @@ def load_tokenizer(ckpt: Path, meta: dict):
     """The checkpoint's tokenizer, which must be the one its sidecar names: another tokenizer of
     the same size would load, and make the model read and write other text."""
     path = Path(ckpt) / "tokenizer.json"
-    tokenizer = (
-        BPETokenizer.load(path) if path.is_file() else get_tokenizer(meta["tokenizer"]["ref"])
-    )
+    tokenizer = get_tokenizer(str(path) if path.is_file() else meta["tokenizer"]["ref"])
     if fingerprint_of(tokenizer) != meta["tokenizer"]["fingerprint"]:
         raise UserError(
             f"{path if path.is_file() else meta['tokenizer']['ref']} is not the tokenizer this "

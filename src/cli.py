@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from src import llama
 from src.checkpoints import find_checkpoint, json_safe, load_model
 from src.errors import NonFiniteLossError, UserError
 from src.files import write_atomically
@@ -119,16 +120,18 @@ def add_model_source(p: argparse.ArgumentParser, required: bool, preset: bool = 
     source = group.add_mutually_exclusive_group(required=required)
     source.add_argument("--checkpoint", help="a run folder (its latest checkpoint) or a checkpoint "
                         "folder written by python -m src.train")  # fmt: skip
-    source.add_argument("--pretrained", choices=list(GPT2_REPOS),
-                        help="OpenAI's GPT-2 weights of this size, downloaded once and cached")  # fmt: skip
+    source.add_argument("--pretrained", choices=[*GPT2_REPOS, *llama.LLAMA_REPOS],
+                        help="published weights, downloaded once and cached: OpenAI's GPT-2 of "
+                        "this size, or a Llama-style model (src/llama.py)")  # fmt: skip
     source.add_argument("--weights", help="a local GPT-2 .safetensors file, or a folder with "
-                        "model.safetensors and config.json")  # fmt: skip
+                        "model.safetensors and config.json (GPT-2, Llama, Qwen2 or Qwen3)")  # fmt: skip
     if preset:
         source.add_argument("--preset", choices=list(PRESETS),
                             help="a freshly initialised model of this size (for experiments)")  # fmt: skip
     group.add_argument("--tokenizer", help="for --pretrained, --weights and --preset: 'gpt2', a "
-                       "folder with GPT-2's encoder.json and vocab.bpe, or a saved tokenizer file; "
-                       "gpt2 when not given (a checkpoint brings its own)")  # fmt: skip
+                       "folder with GPT-2's encoder.json and vocab.bpe, a tokenizer.json, or a "
+                       "saved tokenizer file; when not given, a Llama-style model's own "
+                       "tokenizer.json, else gpt2 (a checkpoint brings its own)")  # fmt: skip
 
 
 def load_model_source(args, device: torch.device, **fields) -> tuple[GPTModel, object, str]:
@@ -148,7 +151,13 @@ def load_model_source(args, device: torch.device, **fields) -> tuple[GPTModel, o
         tokenizer = get_tokenizer(ref)
         model = GPTModel(GPTConfig.from_preset(args.preset, vocab_size=tokenizer.n_vocab, **fields))
     else:  # the weights first: a download that fails says so before the tokenizer's does
-        model = load_pretrained(args.weights or args.pretrained or "gpt2", **fields)
+        source = args.weights or args.pretrained or "gpt2"
+        if source in llama.LLAMA_REPOS or llama.is_llama_folder(source):
+            model = llama.load_pretrained(source, **fields)
+            if not args.tokenizer:  # the model's own, from the folder the weights came from
+                ref = str(llama.model_folder(source))
+        else:
+            model = load_pretrained(source, **fields)
         tokenizer = get_tokenizer(ref)
     if tokenizer.n_vocab > model.cfg.vocab_size:
         raise UserError(f"the tokenizer {ref} has {tokenizer.n_vocab} tokens but the model only "

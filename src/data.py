@@ -121,8 +121,9 @@ def train_tokenizer_cached(
 
 
 def fingerprint_of(tokenizer) -> str:
-    """Our tokenizer's fingerprint, or the same hash of a ``tiktoken.Encoding``'s parts."""
-    if isinstance(tokenizer, BPETokenizer):
+    """Our tokenizer's fingerprint (``BPETokenizer``, ``HFTokenizer``), or the same hash of a
+    ``tiktoken.Encoding``'s parts."""
+    if hasattr(tokenizer, "fingerprint"):
         return tokenizer.fingerprint
     return tokenizer_fingerprint(
         tokenizer._pat_str, tokenizer._mergeable_ranks, tokenizer._special_tokens

@@ -111,28 +111,33 @@ def load_gpt2_state_dict(model: GPTModel, state_dict: Mapping[str, torch.Tensor]
     theirs = {k: v for k, v in theirs.items() if not k.endswith(_IGNORED_SUFFIXES)}
     if "lm_head.weight" not in theirs and "wte.weight" in theirs:
         theirs["lm_head.weight"] = theirs["wte.weight"]  # GPT2Model: the head is tied to wte
+    return copy_mapped(model, theirs, _gpt2_sources(model.cfg), "GPT-2")
 
+
+def copy_mapped(model: GPTModel, theirs: Mapping[str, torch.Tensor], sources: dict,
+                family: str) -> GPTModel:  # fmt: skip
+    """Copy ``theirs`` into ``model`` by ``sources`` (our name -> (their key, transform)), after
+    checking every name and shape; the Llama loader (``src/llama.py``) shares it."""
     ours = model.state_dict(keep_vars=True)
-    sources = _gpt2_sources(model.cfg)
     converted = {}
     for name, param in ours.items():
         if name not in sources:
-            raise UserError(f"our parameter {name!r} has no GPT-2 counterpart")
+            raise UserError(f"our parameter {name!r} has no {family} counterpart")
         key, transform = sources[name]
         if key not in theirs:
-            raise UserError(f"GPT-2 state dict has no key {key!r} (needed for our {name!r})")
+            raise UserError(f"{family} state dict has no key {key!r} (needed for our {name!r})")
         value = transform(theirs[key])
         if value.shape != param.shape:
             raise UserError(
-                f"shape mismatch at {key!r}: GPT-2 gives {tuple(value.shape)} for our {name!r}, "
-                f"which has {tuple(param.shape)}; does the config match the checkpoint?"
+                f"shape mismatch at {key!r}: {family} gives {tuple(value.shape)} for our "
+                f"{name!r}, which has {tuple(param.shape)}; does the config match the checkpoint?"
             )
         converted[name] = value
     unused = sorted(set(theirs) - {sources[name][0] for name in ours})
     if unused:
         raise UserError(
-            f"GPT-2 state dict has keys our model does not use, first {unused[0]!r} "
-            "(a qkv bias needs qkv_bias=True)"
+            f"{family} state dict has keys our model does not use, first {unused[0]!r} "
+            "(a bias needs qkv_bias=True or bias=True)"
         )
 
     with torch.no_grad():

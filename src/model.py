@@ -12,6 +12,12 @@ input at a scale it can handle.
 
 The configuration uses the book's names, and the presets reproduce GPT-2's four sizes plus small
 models that train in minutes on a laptop CPU.
+
+Every field after ``tie_weights`` is a switch from GPT-2 towards the Llama-style block of today's
+models (RMSNorm, rotary positions, SwiGLU, grouped-query attention, QK-norm, no biases); each
+defaults to GPT-2's behaviour, so a config that does not name them is GPT-2's. The presets include
+the shapes of three published models of that kind, and ``cpu-llama``, the CPU preset with every
+switch on.
 """
 
 import math
@@ -21,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.attention import ATTN_IMPLS, KVCache, MultiHeadAttention
+from src.attention import ATTN_IMPLS, KVCache, MultiHeadAttention, RMSNorm
 from src.errors import UserError
+
+NORMS, POS_EMBS, FFS = ("layernorm", "rmsnorm"), ("learned", "rope"), ("gelu", "swiglu")
 
 
 # --8<-- [start:config]
@@ -39,6 +47,17 @@ class GPTConfig:
     qkv_bias: bool = False  # biases on the query/key/value projections (GPT-2 has them)
     attn_impl: str = "eager"  # "eager" | "fused" | "sdpa" | "flash" (see src/attention.py)
     tie_weights: bool = False  # share the token embedding with the output head (GPT-2 does)
+    # The modern switches (see the chapter "From GPT-2 to a modern LLM"); defaults are GPT-2's.
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm_eps: float = 1e-5  # added to the variance (LayerNorm) or the mean square (RMSNorm)
+    pos_emb: str = "learned"  # "learned": a vector per position | "rope": rotary, in attention
+    rope_theta: float = 10000.0  # the base of the rotary angles (used with pos_emb="rope")
+    ff: str = "gelu"  # "gelu": GPT-2's MLP | "swiglu": the gated MLP of Llama
+    ff_hidden_dim: int | None = None  # None: 4 x emb_dim (GELU), or 8/3 x emb_dim (SwiGLU)
+    n_kv_heads: int | None = None  # key/value heads; None: n_heads; 1: multi-query attention
+    head_dim: int | None = None  # None: emb_dim // n_heads (Qwen3 uses a wider one)
+    qk_norm: bool = False  # RMS-normalise each head's query and key (Qwen3)
+    bias: bool = True  # biases on the attention output and the feed-forward layers (GPT-2 has them)
     # LayerNorm and GELU as one PyTorch kernel each (F.layer_norm, F.gelu): the same functions as
     # the written-out layers below, computed in one pass instead of one per operation.
     fused_layers: bool = False
@@ -46,18 +65,52 @@ class GPTConfig:
     def __post_init__(self):
         """A shape that cannot be built is refused here, the one place that knows the fields."""
         sizes = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
-        for name in sizes:
+        optional = ("ff_hidden_dim", "n_kv_heads", "head_dim")
+        for name in sizes + optional:
             value = getattr(self, name)
+            if value is None and name in optional:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
-        if self.emb_dim % self.n_heads != 0:
+        if self.head_dim is None and self.emb_dim % self.n_heads != 0:
             raise UserError(
                 f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
             )
-        if self.attn_impl not in ATTN_IMPLS:
-            raise UserError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        if self.n_heads % (self.n_kv_heads or self.n_heads) != 0:
+            raise UserError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                            f"({self.n_kv_heads})")  # fmt: skip
+        for name, allowed in (("attn_impl", ATTN_IMPLS), ("norm", NORMS), ("pos_emb", POS_EMBS),
+                              ("ff", FFS)):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not (isinstance(self.drop_rate, (int, float)) and 0.0 <= self.drop_rate < 1.0):
             raise UserError(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        for name in ("norm_eps", "rope_theta"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
+                raise UserError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        if self.pos_emb == "rope" and self.head_size % 2:
+            raise UserError(f"rotary embeddings need an even head size, got {self.head_size}")
+
+    @property
+    def head_size(self) -> int:
+        """The width of one attention head."""
+        return self.head_dim or self.emb_dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """The number of key/value heads."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ff_width(self) -> int:
+        """The feed-forward layer's hidden width. SwiGLU has three matrices where GELU's MLP has
+        two, so its default width is 2/3 of 4 x emb_dim, rounded up to a multiple of 64 as Llama
+        rounds it: about the parameters and FLOPs of GPT-2's MLP."""
+        if self.ff_hidden_dim is not None:
+            return self.ff_hidden_dim
+        if self.ff == "gelu":
+            return 4 * self.emb_dim
+        return 64 * math.ceil((8 * self.emb_dim // 3) / 64)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -86,6 +139,33 @@ PRESETS: dict[str, GPTConfig] = {
 }
 # --8<-- [end:config]
 
+# --8<-- [start:modern_presets]
+# Every switch on: cpu-small's size (7.1 M parameters against 7.4 M) in the Llama style.
+LLAMA_STYLE = dict(norm="rmsnorm", pos_emb="rope", ff="swiglu", qk_norm=True, bias=False)
+PRESETS["cpu-llama"] = replace(PRESETS["cpu-small"], **LLAMA_STYLE, n_kv_heads=2, norm_eps=1e-6)
+# The shapes of three published models (from their config.json), to train from scratch or to
+# carry the weights src.llama loads. context_length is their max_position_embeddings: with
+# rotary positions no table is sized by it.
+PRESETS |= {
+    "smollm2-135m": GPTConfig(  # HuggingFaceTB/SmolLM2-135M
+        vocab_size=49152, context_length=8192, emb_dim=576, n_heads=9, n_kv_heads=3,
+        n_layers=30, ff_hidden_dim=1536, rope_theta=100000.0, tie_weights=True, drop_rate=0.0,
+        norm="rmsnorm", norm_eps=1e-5, pos_emb="rope", ff="swiglu", bias=False,
+    ),
+    "qwen2.5-0.5b": GPTConfig(  # Qwen/Qwen2.5-0.5B: biases on q, k and v only
+        vocab_size=151936, context_length=32768, emb_dim=896, n_heads=14, n_kv_heads=2,
+        n_layers=24, ff_hidden_dim=4864, rope_theta=1000000.0, tie_weights=True, drop_rate=0.0,
+        norm="rmsnorm", norm_eps=1e-6, pos_emb="rope", ff="swiglu", bias=False, qkv_bias=True,
+    ),
+    "qwen3-0.6b": GPTConfig(  # Qwen/Qwen3-0.6B: QK-norm, heads of 128 on a width of 1024
+        vocab_size=151936, context_length=40960, emb_dim=1024, n_heads=16, n_kv_heads=8,
+        head_dim=128, n_layers=28, ff_hidden_dim=3072, rope_theta=1000000.0, tie_weights=True,
+        drop_rate=0.0, norm="rmsnorm", norm_eps=1e-6, pos_emb="rope", ff="swiglu", bias=False,
+        qk_norm=True,
+    ),
+}  # fmt: skip
+# --8<-- [end:modern_presets]
+
 
 # --8<-- [start:layernorm]
 class LayerNorm(nn.Module):
@@ -107,6 +187,17 @@ class LayerNorm(nn.Module):
 
 
 # --8<-- [end:layernorm]
+
+
+# --8<-- [start:make_norm]
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    """The normalisation the config names, over ``emb_dim`` (RMSNorm is in ``src/attention.py``)."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.emb_dim, cfg.norm_eps)
+    return LayerNorm(cfg.emb_dim, cfg.norm_eps, fused=cfg.fused_layers)
+
+
+# --8<-- [end:make_norm]
 
 
 # --8<-- [start:gelu]
@@ -132,15 +223,41 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)  # widen
+        self.fc = nn.Linear(cfg.emb_dim, cfg.ff_width, bias=cfg.bias)  # widen
         self.gelu = GELU(fused=cfg.fused_layers)
-        self.proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)  # back to the residual stream
+        self.proj = nn.Linear(
+            cfg.ff_width, cfg.emb_dim, bias=cfg.bias
+        )  # back to the residual stream
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.gelu(self.fc(x)))  # (B, T, emb_dim) -> (B, T, emb_dim)
 
 
 # --8<-- [end:feedforward]
+
+
+# --8<-- [start:swiglu]
+class SwiGLU(nn.Module):
+    """The gated MLP of Llama (Shazeer, 2020): one widened copy of x, passed through SiLU, decides
+    how much of another copy passes, element by element; then project back.
+
+    SiLU(z) = z * sigmoid(z) is GELU's smooth cousin. The names are GPT-2's MLP's plus one:
+    ``fc`` widens (Hugging Face's ``up_proj``), ``gate`` is the new gate (``gate_proj``), ``proj``
+    projects back (``down_proj``).
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.emb_dim, cfg.ff_width, bias=cfg.bias)
+        self.fc = nn.Linear(cfg.emb_dim, cfg.ff_width, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.ff_width, cfg.emb_dim, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate(x)  # (B, T, ff_width)
+        return self.proj(g * torch.sigmoid(g) * self.fc(x))  # W_down (SiLU(x W_gate) * x W_up)
+
+
+# --8<-- [end:swiglu]
 
 
 # --8<-- [start:block]
@@ -157,10 +274,16 @@ class TransformerBlock(nn.Module):
             drop_rate=cfg.drop_rate,
             qkv_bias=cfg.qkv_bias,
             attn_impl=cfg.attn_impl,
+            n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            out_bias=cfg.bias,
+            rope_theta=cfg.rope_theta if cfg.pos_emb == "rope" else None,
+            qk_norm=cfg.qk_norm,
+            norm_eps=cfg.norm_eps,
         )
-        self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg.emb_dim, fused=cfg.fused_layers)
-        self.norm2 = LayerNorm(cfg.emb_dim, fused=cfg.fused_layers)
+        self.ff = SwiGLU(cfg) if cfg.ff == "swiglu" else FeedForward(cfg)
+        self.norm1 = make_norm(cfg)
+        self.norm2 = make_norm(cfg)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -181,10 +304,13 @@ class GPTModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        # Rotary positions live in attention: then there is no table of positions to learn.
+        self.pos_emb = (
+            nn.Embedding(cfg.context_length, cfg.emb_dim) if cfg.pos_emb == "learned" else None
+        )
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.final_norm = LayerNorm(cfg.emb_dim, fused=cfg.fused_layers)
+        self.final_norm = make_norm(cfg)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
         if cfg.tie_weights:
@@ -200,8 +326,9 @@ class GPTModel(nn.Module):
             raise ValueError(
                 f"sequence length {start + T} exceeds context_length {self.cfg.context_length}"
             )
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, emb_dim)
+        x = self.tok_emb(idx)  # (B, T, emb_dim)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         x = self.drop_emb(x)
         for i, block in enumerate(self.trf_blocks):
             x = block(x, None if kv_cache is None else kv_cache[i])  # (B, T, emb_dim)
@@ -235,3 +362,13 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # --8<-- [end:count]
+
+
+# --8<-- [start:kv_bytes]
+def kv_cache_bytes(cfg: GPTConfig, n_tokens: int, bytes_per_value: int = 2) -> int:
+    """The memory a KV cache takes for ``n_tokens`` tokens of one sequence: a key and a value of
+    ``head_size`` numbers per key/value head, per layer, per token (2 bytes each in bf16)."""
+    return 2 * cfg.n_layers * cfg.kv_heads * cfg.head_size * n_tokens * bytes_per_value
+
+
+# --8<-- [end:kv_bytes]

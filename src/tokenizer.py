@@ -23,6 +23,7 @@ merges the adjacent pair whose concatenation has the lowest rank. With the same 
 import hashlib
 import heapq
 import json
+import sys
 from collections import Counter
 from collections.abc import Collection, Iterable
 from itertools import pairwise
@@ -105,18 +106,21 @@ class BPETokenizer:
         pattern: str = GPT2_PATTERN,
     ):
         special_tokens = dict(special_tokens or {})
-        if sorted(mergeable_ranks.values()) != list(range(len(mergeable_ranks))):
-            raise ValueError("ranks must be the ids 0, 1, ..., n-1 with no gap or repeat")
+        # A rank is also the token's id. Ours are 0..n-1 with the special tokens after them;
+        # tiktoken's model allows any distinct ids, and tokenizers trained with Hugging Face's
+        # tokenizers put their special tokens first, so any distinct ids are accepted.
+        ids = [*mergeable_ranks.values(), *special_tokens.values()]
+        if len(set(ids)) != len(ids) or min(ids, default=0) < 0:
+            raise ValueError("every token and special token needs its own id >= 0")
         if any(bytes([b]) not in mergeable_ranks for b in range(256)):
             raise ValueError("a byte-level vocabulary needs a token for each of the 256 bytes")
-        if any(i < len(mergeable_ranks) for i in special_tokens.values()):
-            raise ValueError("special token ids must come after the mergeable ranks")
         self.mergeable_ranks = dict(mergeable_ranks)
         self.special_tokens = special_tokens
         self.pattern = pattern
         self._split = regex.compile(pattern)
         self._decoder = {rank: token for token, rank in self.mergeable_ranks.items()}
         self._decoder |= {i: s.encode("utf-8") for s, i in special_tokens.items()}
+        self._no_rank = max(self.mergeable_ranks.values()) + 1  # above every rank: "not a token"
         self._cache: dict[str, list[int]] = {}  # pre-token -> ids; text repeats its words a lot
 
     @property
@@ -276,7 +280,7 @@ class BPETokenizer:
         if max_rank is None and piece in ranks:  # a whole known pre-token is one token
             return [ranks[piece]]
         parts = [piece[i : i + 1] for i in range(len(piece))]
-        limit = len(ranks) if max_rank is None else max_rank
+        limit = self._no_rank if max_rank is None else max_rank
         while len(parts) > 1:
             best, best_rank = -1, limit
             for i in range(len(parts) - 1):
@@ -307,15 +311,17 @@ class BPETokenizer:
     def save(self, path: str | Path) -> None:
         """Write a JSON file a person can read: tokens in rank order, in GPT-2's printable form,
         and the fingerprint, so that a damaged file is caught when it is loaded."""
-        tokens = [bytes_to_printable(self._decoder[r]) for r in range(len(self.mergeable_ranks))]
+        ranks = sorted(self.mergeable_ranks.values())
         model = {
             "format": "byte-level-bpe",
             "version": 1,
             "pattern": self.pattern,
             "special_tokens": self.special_tokens,
             "fingerprint": self.fingerprint,
-            "tokens": tokens,
+            "tokens": [bytes_to_printable(self._decoder[r]) for r in ranks],
         }
+        if ranks != list(range(len(ranks))):  # ids with gaps (special tokens first): list them
+            model["ranks"] = ranks
         write_atomically(path, json.dumps(model, ensure_ascii=False, indent=0) + "\n")
 
     @classmethod
@@ -325,7 +331,10 @@ class BPETokenizer:
             model = json.loads(Path(path).read_text("utf-8"))
             if not isinstance(model, dict) or model.get("format") != "byte-level-bpe":
                 raise ValueError("it is not a tokenizer saved by BPETokenizer.save")
-            ranks = {printable_to_bytes(t): r for r, t in enumerate(model["tokens"])}
+            numbers = model.get("ranks", range(len(model["tokens"])))
+            ranks = {
+                printable_to_bytes(t): r for r, t in zip(numbers, model["tokens"], strict=True)
+            }
             tokenizer = cls(ranks, model["special_tokens"], model["pattern"])
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
             raise UserError(f"cannot read a tokenizer from {path}: {err}") from None
@@ -381,6 +390,48 @@ class BPETokenizer:
 
     # --8<-- [end:gpt2_files]
 
+    # --8<-- [start:tokenizer_json]
+    @classmethod
+    def from_tokenizer_json(cls, spec: dict) -> "BPETokenizer":
+        """Our BPE equal to a Hugging Face ``tokenizer.json`` (parsed), or a ``ValueError`` that
+        names the first thing in it that ours does not do exactly.
+
+        Ours is one split pattern, then byte-level BPE by rank, with nothing before or after. So
+        the file must have no normalizer, a byte-level pre-tokenizer that is one regular
+        expression, and BPE merges that our rule reproduces: a merge's token must be ranked after
+        every earlier merge's, and merging its bytes with only the tokens ranked below it must give
+        back exactly the two parts the file lists (``save_gpt2_files`` relies on the same)."""
+        model = spec.get("model") or {}
+        if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("dropout"):
+            raise ValueError("its model is not plain BPE")
+        if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+            raise ValueError("its BPE marks word pieces with a prefix or suffix")
+        if spec.get("normalizer"):
+            raise ValueError(f"it normalises text first ({spec['normalizer'].get('type')}), "
+                             "which our BPE does not do")  # fmt: skip
+        pattern = _split_pattern(spec.get("pre_tokenizer"))
+        if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+            raise ValueError("its decoder is not byte-level")
+        added = spec.get("added_tokens", [])
+        if any(t.get(k) for t in added for k in ("lstrip", "rstrip", "single_word")):
+            raise ValueError("an added token strips spaces around it or must be a whole word")
+        special = {t["content"]: t["id"] for t in added}
+        vocab = {s: i for s, i in model["vocab"].items() if s not in special}
+        ranks = {printable_to_bytes(s): i for s, i in vocab.items()}
+        merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+        made = [vocab.get(a + b) for a, b in merges]
+        if None in made or made != sorted(set(made)) or len(ranks) != 256 + len(merges):
+            raise ValueError("its merges are not its tokens in id order, one merge per token")
+        tokenizer = cls(ranks, special, pattern)
+        for (a, b), rank in zip(merges, made, strict=True):
+            if tokenizer._bpe(printable_to_bytes(a + b), max_rank=rank) != [vocab[a], vocab[b]]:
+                raise ValueError(
+                    f"merging by rank does not rebuild token {rank} from {a!r} + {b!r}"
+                )
+        return tokenizer
+
+    # --8<-- [end:tokenizer_json]
+
 
 def _merge(word: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     """``word`` with every occurrence of ``pair`` (left to right, not overlapping) made ``new_id``."""
@@ -407,10 +458,111 @@ def _split_specials(text: str, specials: Collection[str]) -> list[str]:
     return regex.split(f"({_special_regex(specials).pattern})", text)
 
 
+# --8<-- [start:split_pattern]
+def _split_pattern(pre_tokenizer: dict | None) -> str:
+    """The one split pattern that a byte-level pre-tokenizer of ``tokenizer.json`` applies: GPT-2's
+    (``ByteLevel`` with its regex), or a ``Split`` by a regex followed by ``ByteLevel`` without one.
+    In both, the pieces between matches are kept; the patterns match every character, so there
+    are none, and ``findall`` gives the same pieces."""
+    steps = (pre_tokenizer or {}).get("pretokenizers", [pre_tokenizer or {}])
+    byte_level = steps[-1]
+    if byte_level.get("type") != "ByteLevel" or byte_level.get("add_prefix_space"):
+        raise ValueError("its pre-tokenizer is not byte-level without an added prefix space")
+    if len(steps) == 1 and byte_level.get("use_regex", True):
+        return GPT2_PATTERN
+    split = steps[0]
+    if (len(steps) == 2 and not byte_level.get("use_regex", True) and split.get("type") == "Split"
+            and "Regex" in split.get("pattern", {}) and split.get("behavior") == "Isolated"
+            and not split.get("invert")):  # fmt: skip
+        return split["pattern"]["Regex"]
+    raise ValueError(f"its pre-tokenizer ({', '.join(s.get('type', '?') for s in steps)}) is "
+                     "not one split pattern")  # fmt: skip
+
+
+# --8<-- [end:split_pattern]
+
+
+# --8<-- [start:hf_tokenizer]
+class HFTokenizer:
+    """A ``tokenizer.json`` that our BPE cannot represent exactly, run by Hugging Face's
+    ``tokenizers`` package behind the interface the commands use.
+
+    ``tokenizers`` reads special-token text as the special token wherever it appears, so
+    ``encode`` cannot be told otherwise."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer  # needed only for the tokenizers ours cannot represent
+
+        self.text = Path(path).read_text("utf-8")
+        self._tokenizer = Tokenizer.from_str(self.text)
+        self.special_tokens = {t.content: i for i, t in
+                               self._tokenizer.get_added_tokens_decoder().items()}  # fmt: skip
+        self._byte_level = (json.loads(self.text).get("decoder") or {}).get("type") == "ByteLevel"
+
+    @property
+    def n_vocab(self) -> int:
+        return max(self._tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+    @property
+    def eot_token(self) -> int | None:
+        return self.special_tokens.get(ENDOFTEXT)
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+    def encode(self, text: str, allowed_special="all", disallowed_special="all") -> list[int]:
+        if allowed_special != "all" and disallowed_special != "all":
+            raise UserError("this tokenizer (run by the tokenizers package) always reads "
+                            "special-token text as the special token")  # fmt: skip
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        ids = list(ids)
+        if not self._byte_level:  # its tokens are text, not bytes: a character is never split
+            return self._tokenizer.decode(ids, skip_special_tokens=False).encode("utf-8")
+        names = {i: s for s, i in self.special_tokens.items()}
+        return b"".join(names[i].encode("utf-8") if i in names else
+                        printable_to_bytes(self._tokenizer.id_to_token(i)) for i in ids)  # fmt: skip
+
+    def save(self, path: str | Path) -> None:
+        write_atomically(path, self.text)
+
+
+def load_tokenizer_json(path: str | Path) -> "BPETokenizer | HFTokenizer":
+    """A Hugging Face ``tokenizer.json``: our BPE when it represents the file exactly, otherwise
+    the ``tokenizers`` package, with a note on stderr saying why."""
+    try:
+        spec = json.loads(Path(path).read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read the tokenizer {path}: {err}") from None
+    try:
+        return BPETokenizer.from_tokenizer_json(spec)
+    except (ValueError, KeyError, TypeError, AttributeError) as why:
+        print(f"note: {path}: our BPE cannot represent it exactly ({why}); tokenizing with the "
+              "tokenizers package", file=sys.stderr)  # fmt: skip
+        return HFTokenizer(path)
+
+
+def is_tokenizer_json(path: Path) -> bool:
+    """Whether ``path`` is a Hugging Face ``tokenizer.json`` (which has a ``model`` section)
+    rather than a file our ``save`` wrote (which says ``"format": "byte-level-bpe"``)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)  # "model" follows the added tokens, which can fill many KB
+    return b'"model"' in head and b'"byte-level-bpe"' not in head[:256]
+
+
+# --8<-- [end:hf_tokenizer]
+
+
 # --8<-- [start:get_tokenizer]
 def get_tokenizer(spec: str):
     """``"gpt2"``: tiktoken's GPT-2 encoding; a directory with ``encoder.json`` and ``vocab.bpe``:
-    our BPE from GPT-2's files; a file: our BPE saved with ``save``."""
+    our BPE from GPT-2's files; a directory with a ``tokenizer.json``, or such a file: Hugging
+    Face's format (``load_tokenizer_json``); another file: our BPE saved with ``save``."""
     if spec == "gpt2":
         try:
             return tiktoken.get_encoding("gpt2")
@@ -421,16 +573,20 @@ def get_tokenizer(spec: str):
                 f"({type(err).__name__})"
             ) from None
     path = Path(spec)
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        return load_tokenizer_json(path / "tokenizer.json")
     if path.is_dir():
         encoder, merges = path / "encoder.json", path / "vocab.bpe"
         if not (encoder.is_file() and merges.is_file()):
-            raise UserError(f"{path} must hold GPT-2's encoder.json and vocab.bpe")
+            raise UserError(
+                f"{path} must hold GPT-2's encoder.json and vocab.bpe, or a tokenizer.json"
+            )
         return BPETokenizer.from_gpt2_files(encoder, merges)
     if path.is_file():
-        return BPETokenizer.load(path)
+        return load_tokenizer_json(path) if is_tokenizer_json(path) else BPETokenizer.load(path)
     raise UserError(
-        f"no tokenizer {spec!r}: expected 'gpt2', a directory with GPT-2's "
-        "files, or a file saved by BPETokenizer.save"
+        f"no tokenizer {spec!r}: expected 'gpt2', a directory with GPT-2's files or a "
+        "tokenizer.json, a tokenizer.json, or a file saved by BPETokenizer.save"
     )
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,27 @@ def test_model_flash_equals_eager():
         out.square().mean().backward()
     for (name, p_eager), p_flash in zip(eager.named_parameters(), flash.parameters(), strict=True):
         torch.testing.assert_close(p_flash.grad, p_eager.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2])
+def test_grouped_heads_model_flash_equals_eager_in_float64(n_kv_heads):
+    """A Llama-style model (RMSNorm, rotary positions, SwiGLU, QK-norm) whose four query heads share
+    ``n_kv_heads`` key/value heads: flash against the eager path, both in float64."""
+    cfg = GPTConfig.from_preset("cpu-tiny", norm="rmsnorm", pos_emb="rope", ff="swiglu",
+                                qk_norm=True, bias=False, n_heads=4, n_kv_heads=n_kv_heads,
+                                context_length=80)  # fmt: skip
+    torch.manual_seed(0)
+    eager = GPTModel(cfg).double()
+    flash = GPTModel(replace(cfg, attn_impl="flash")).double()
+    flash.load_state_dict(eager.state_dict())
+    assert eager.trf_blocks[0].att.W_key.weight.shape[0] == n_kv_heads * cfg.emb_dim // 4
+    idx = torch.randint(0, cfg.vocab_size, (2, 70))  # 70: a query tile of 64 and a tail
+    logits = [model(idx) for model in (eager, flash)]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-10, atol=1e-10)
+    for out in logits:
+        out.square().mean().backward()
+    for (name, p_eager), p_flash in zip(eager.named_parameters(), flash.parameters(), strict=True):
+        torch.testing.assert_close(p_flash.grad, p_eager.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_attention_dropout_warns_once_and_runs_sdpa(monkeypatch):

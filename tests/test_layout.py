@@ -14,7 +14,7 @@ ORDER = [
     "tokenizer", "data",  # text -> token ids -> batches
     "fused_softmax", "flash_attention", "attention", "model",  # the kernels, attention, the GPT
     "training", "checkpoints",  # how a model takes a step; its state on disk
-    "gpt2", "lora",  # published weights; low-rank adapters
+    "gpt2", "llama", "lora",  # published weights (GPT-2; Llama, Qwen); low-rank adapters
     "cli",  # what the commands share
     "generate", "train", "finetune", "classify", "instruct",  # the commands
 ]  # fmt: skip

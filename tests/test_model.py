@@ -174,3 +174,97 @@ def test_a_linear_layer_counts_in_times_out_weights_and_acts_on_each_position_al
     x[0, 0] += 1.0  # change one position: only its own output moves
     changed = (layer(x) != y).any(-1)
     assert changed[0, 0] and changed.sum() == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The modern switches, each against an independent reference
+
+
+def test_rmsnorm_matches_torch():
+    from src.attention import RMSNorm
+
+    x = torch.randn(4, 7, 32, dtype=torch.float64)
+    ours = RMSNorm(32, eps=1e-6).double()
+    with torch.no_grad():
+        ours.scale.normal_()
+    expected = torch.nn.functional.rms_norm(x, (32,), ours.scale, eps=1e-6)
+    torch.testing.assert_close(ours(x), expected)
+
+
+def test_rotary_embedding_is_a_rotation_of_each_pair_by_position():
+    """Against complex numbers in float64: pair (x_i, x_{i+hd/2}) is x_i + j x_{i+hd/2}, and
+    position m multiplies it by exp(j m theta_i); a query at m and a key at n then score the same
+    as at m + 5 and n + 5."""
+    from src.attention import RotaryEmbedding
+
+    hd, T, base = 16, 12, 500.0
+    rope = RotaryEmbedding(hd, base).double()
+    x = torch.randn(2, 3, T, hd, dtype=torch.float64)
+    theta = base ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)  # (hd/2,)
+    pairs = torch.complex(x[..., : hd // 2], x[..., hd // 2 :])
+    turned = pairs * torch.polar(torch.ones(T, hd // 2, dtype=torch.float64),
+                                 (torch.arange(3, 3 + T, dtype=torch.float64)[:, None] * theta))  # fmt: skip
+    expected = torch.cat((turned.real, turned.imag), dim=-1)
+    # The angles are float32, as Hugging Face computes them: equal to about 1e-6.
+    torch.testing.assert_close(rope(x, start=3), expected, rtol=0, atol=1e-5)
+    q, k = torch.randn(hd, dtype=torch.float64), torch.randn(hd, dtype=torch.float64)
+    at = lambda v, m: rope(v.view(1, 1, 1, hd), start=m).flatten()  # noqa: E731
+    torch.testing.assert_close(at(q, 7) @ at(k, 2), at(q, 12) @ at(k, 7))
+
+
+def test_swiglu_is_silu_gate_times_up_then_down():
+    from src.model import SwiGLU
+
+    cfg = GPTConfig(emb_dim=32, n_heads=4, ff="swiglu", ff_hidden_dim=40, bias=False)
+    ff = SwiGLU(cfg).double()
+    x = torch.randn(3, 5, 32, dtype=torch.float64)
+    F = torch.nn.functional
+    expected = F.linear(
+        F.silu(F.linear(x, ff.gate.weight)) * F.linear(x, ff.fc.weight), ff.proj.weight
+    )
+    torch.testing.assert_close(ff(x), expected)
+    assert GPTConfig(emb_dim=256, n_heads=4, ff="swiglu").ff_width == 704  # 8/3 x 256, up to 64
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "fused", "sdpa", "flash"])
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
+def test_grouped_heads_equal_attention_over_repeated_key_value_heads(attn_impl, n_kv_heads):
+    """The reference repeats each key/value head for its group and runs PyTorch's attention."""
+    torch.manual_seed(2)
+    dtype = torch.float32 if attn_impl == "fused" else torch.float64  # the kernel's float64 is slow
+    mha = MultiHeadAttention(32, 32, 16, 4, attn_impl=attn_impl, n_kv_heads=n_kv_heads, qk_norm=True,
+                             rope_theta=10000.0, out_bias=False).to(dtype).eval()  # fmt: skip
+    x = torch.randn(2, 16, 32, dtype=dtype)
+    B, T, G = 2, 16, 4 // n_kv_heads
+    q = mha.W_query(x).view(B, T, 4, 8).transpose(1, 2)
+    k = mha.W_key(x).view(B, T, n_kv_heads, 8).transpose(1, 2)
+    v = mha.W_value(x).view(B, T, n_kv_heads, 8).transpose(1, 2)
+    q, k = mha.rope(mha.q_norm(q), 0), mha.rope(mha.k_norm(k), 0)
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, 4, T, hd)
+    context = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    expected = mha.out_proj(context.transpose(1, 2).reshape(B, T, 32))
+    torch.testing.assert_close(mha(x), expected, rtol=1e-5, atol=1e-5)
+    assert mha.W_key.weight.shape == (8 * n_kv_heads, 32)  # only the key/value heads are learned
+
+
+def test_modern_switches_are_checked():
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        GPTConfig(emb_dim=64, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        GPTConfig(norm="batchnorm")
+    with pytest.raises(ValueError, match="even head size"):
+        GPTConfig(emb_dim=36, n_heads=4, pos_emb="rope")
+    old = {k: v for k, v in PRESETS["cpu-small"].to_dict().items() if k in GPTConfig.__annotations__
+           and list(GPTConfig.__annotations__).index(k) <= 8}  # a checkpoint's config from before  # fmt: skip
+    assert GPTConfig(**old) == PRESETS["cpu-small"]
+
+
+def test_rope_model_has_no_position_table_and_runs_past_its_training_context():
+    cfg = GPTConfig.from_preset("cpu-tiny", pos_emb="rope", norm="rmsnorm", ff="swiglu")
+    model = GPTModel(cfg).eval()
+    assert model.pos_emb is None
+    longer = GPTModel(
+        GPTConfig.from_preset("cpu-tiny", **(cfg.to_dict() | {"context_length": 256}))
+    )
+    longer.load_state_dict(model.state_dict())  # no weight depends on the context length
+    assert longer(torch.zeros(1, 256, dtype=torch.long)).shape == (1, 256, cfg.vocab_size)

@@ -325,3 +325,80 @@ def test_benchmark_runs_and_reports_the_ratio(tmp_path):
     assert row["n_vocab"] == 1024 and row["ratio_cold"] > 0
     table = out.with_suffix(".md").read_text()  # what the Tokens chapter includes
     assert "tiktoken / ours, warm" in table and f"{row['ratio_warm']:.2f}x" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json files: ours when it represents them exactly, tokenizers otherwise
+
+QWEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def hf_trained(tmp_path, split: str = "gpt2", normalizer=None):
+    """A byte-level BPE trained with Hugging Face's tokenizers on the corpus, saved as
+    tokenizer.json: special tokens first, as its trainer numbers them."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split == "gpt2")
+    steps = {
+        "gpt2": byte_level,
+        "qwen": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_PATTERN), "isolated"), byte_level]),
+        "digits": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                           pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+    }  # fmt: skip
+    tokenizer.pre_tokenizer = steps[split]
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1200, special_tokens=[EOT, "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tokenizer.train_from_iterator([load_corpus().text[:400_000]], trainer)
+    tokenizer.normalizer = normalizer
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    return tokenizer
+
+
+@pytest.mark.parametrize("split", ["gpt2", "qwen"])
+def test_a_hf_byte_level_bpe_is_ours_with_the_same_ids(tmp_path, split, capsys):
+    reference = hf_trained(tmp_path, split)
+    ours = get_tokenizer(str(tmp_path))  # a folder holding tokenizer.json
+    assert isinstance(ours, BPETokenizer) and "note:" not in capsys.readouterr().err
+    assert ours.special_tokens == {EOT: 0, "<|im_start|>": 1}  # before the bytes, as trained
+    text = VARIED + load_corpus().text[400_000:500_000]
+    ids = ours.encode(text, allowed_special="all")
+    assert ids == reference.encode(text, add_special_tokens=False).ids
+    assert ours.decode(ids) == text
+    ours.save(tmp_path / "ours.json")  # ids with a gap at the start survive a round trip
+    again = BPETokenizer.load(tmp_path / "ours.json")
+    assert (
+        again.encode(text, allowed_special="all") == ids and again.fingerprint == ours.fingerprint
+    )
+
+
+@pytest.mark.parametrize(
+    "split, normalize, reason",
+    [("qwen", True, "it normalises text first (NFC)"), ("digits", False, "Digits, ByteLevel")],
+)
+def test_a_tokenizer_json_ours_cannot_represent_runs_through_tokenizers(tmp_path, capsys, split,
+                                                                        normalize, reason):  # fmt: skip
+    from tokenizers import normalizers
+
+    from src.tokenizer import HFTokenizer
+
+    reference = hf_trained(tmp_path, split, normalizers.NFC() if normalize else None)
+    path = tmp_path / "tokenizer.json"
+    tokenizer = get_tokenizer(str(path))
+    assert isinstance(tokenizer, HFTokenizer)
+    note = capsys.readouterr().err
+    assert reason in note and "tokenizing with the tokenizers package" in note
+    ids = tokenizer.encode(VARIED)
+    assert ids == reference.encode(VARIED, add_special_tokens=False).ids
+    # Bytes, token by token: a character split across two tokens comes back whole when joined.
+    joined = b"".join(tokenizer.decode_bytes([i]) for i in ids).decode("utf-8")
+    assert joined == reference.decode(ids, skip_special_tokens=False)
+    assert tokenizer.eot_token == 0 and tokenizer.n_vocab == reference.get_vocab_size()
+    tokenizer.save(tmp_path / "saved.json")
+    assert get_tokenizer(str(tmp_path / "saved.json")).fingerprint == tokenizer.fingerprint
+    with pytest.raises(UserError, match="always reads special-token text"):
+        tokenizer.encode(EOT, allowed_special=(), disallowed_special=())

@@ -225,6 +225,24 @@ def test_cli_end_to_end(tmp_path, corpus, capsys, private_cache):
     assert "final validation loss" in capsys.readouterr().err
 
 
+def test_the_llama_style_preset_trains_resumes_and_writes(tmp_path, corpus, capsys, private_cache):
+    from src import generate
+
+    out = tmp_path / "llama"
+    args = ["--preset", "cpu-llama", *TINY[2:], "--data", str(corpus), "--eval-interval", "4",
+            "--eval-iters", "1", "--out-dir", str(out)]  # fmt: skip
+    assert train_cli.main([*args, "--max-steps", "4"]) == 0
+    assert train_cli.main([*args, "--max-steps", "6", "--resume"]) == 0
+    model, _, meta = load_model(out, torch.device("cpu"))
+    assert meta["step"] == 6 and model.pos_emb is None and model.cfg.kv_heads == 2
+    assert "pos_emb.weight" not in model.state_dict()  # rotary positions: no table to save
+    capsys.readouterr()
+    assert (
+        generate.main(["--checkpoint", str(out), "--prompt", "The", "--max-new-tokens", "5"]) == 0
+    )
+    assert capsys.readouterr().out.startswith("The")
+
+
 def _interrupt(out: Path, args: list[str], env: dict, sig: int, after_step: int) -> int:
     """Start a run, send ``sig`` once it has logged ``after_step``; its exit code."""
     proc = subprocess.Popen(
