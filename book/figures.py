@@ -130,6 +130,30 @@ def _instruct_cells() -> tuple[dict[str, Box], list[Edge]]:
     return boxes, [(f"inputs{j}", f"targets{j}") for j in range(7)]
 
 
+# One round of speculative decoding with k = 4 draft tokens, in which the third is rejected
+# (src/generate.py: speculative_rounds, accept_or_resample). Green: kept; grey: thrown away.
+def _speculative_round() -> tuple[dict[str, Box], list[Edge]]:
+    boxes = {
+        "text": Box("the text so far: ... x_n\n(both caches hold it)", "data", 0, 1.5, 4.0),
+        "draft": Box("draft: 4 cheap steps, one token each\nd1 d2 d3 d4, drawn from q (4, V)",
+                     "op", 1, 1.5, 5.6),
+        "target": Box("target: ONE pass over x_n d1 d2 d3 d4\np at the 5 positions (5, V)",
+                      "op", 2, 1.5, 5.6),
+        "d1": Box("d1 kept\nu1 < p1(d1) / q1(d1)", "param", 3, 0),
+        "d2": Box("d2 kept\nu2 < p2(d2) / q2(d2)", "param", 3, 1),
+        "d3": Box("d3 rejected\nu3 >= p3(d3) / q3(d3)", "frozen", 3, 2),
+        "d4": Box("d4 dropped\n(after a rejection)", "frozen", 3, 3),
+        "r3": Box("r3 drawn from\nmax(0, p3 - q3) / sum", "op", 4, 2),
+        "new": Box("new tokens: d1 d2 r3\n3 for 1 target pass", "note", 5, 1),
+        "rewind": Box("both caches rewind:\nd3, d4 forgotten", "note", 5, 3),
+        "greedy": Box("greedy: d_i kept while it equals argmax p_i;\n"
+                      "all 4 kept: a 5th token from p5, free", "note", 6, 1.5, 5.6),
+    }  # fmt: skip
+    edges = chain("text", "draft", "target") + [("target", d) for d in ("d1", "d2", "d3", "d4")]
+    return boxes, edges + [("d3", "r3"), ("d1", "new"), ("d2", "new"), ("r3", "new"),
+                           ("d4", "rewind")]  # fmt: skip
+
+
 # model.py's TransformerBlock with GPT-2's switches (cpu-small) and with every modern switch on
 # (cpu-llama), row beside row; pink boxes are what the modern block does differently.
 def _modern_block() -> tuple[dict[str, Box], list[Edge]]:
@@ -326,6 +350,7 @@ DIAGRAMS: dict[str, tuple[dict[str, Box], list[Edge]]] = {
         + [("lengths", "pick")],
     ),
     "instructions": _instruct_cells(),
+    "speculative": _speculative_round(),
     "modern-block": _modern_block(),
     # train.py, one optimizer step on W = 2 processes: every rank computes the same global batch
     # (step_batch) and keeps its slice, B / W windows; DDP averages the gradients.

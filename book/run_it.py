@@ -1,8 +1,8 @@
 """The book's "Run it" outputs: what each chapter's code prints when you run it.
 
-The library chapters (tokens, batches, attention, the model, LoRA) have no command line of their
-own, so this script holds one short demo per chapter; the page embeds the demo's code by name and
-then its output. The chapters with a command (classification, scaling out, generating) get the real
+The library chapters (tokens, batches, attention, the model, the modern LLM, LoRA) have no command
+line of their own, so this script holds one short demo per chapter; the page embeds the demo's code
+by name and then its output. The chapters with a command (classification, scaling out, generating) get the real
 command, run as a subprocess; the page shows the command line and what it printed. Generating needs
 the default run's checkpoint (``uv run python -m src.train`` makes it). Either way the output is written to
 ``docs/assets/run-it/<chapter>.md``, which the page includes unchanged:
@@ -31,13 +31,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 from src import flash_attention, fused_softmax
-from src.attention import MultiHeadAttention, causal_mask, causal_softmax
+from src.attention import KVCache, MultiHeadAttention, causal_mask, causal_softmax
 from src.cli import Parser
 from src.data import (
     GPTDataset,
@@ -49,8 +50,10 @@ from src.data import (
 )
 from src.files import cache_dir
 from src.finetune import set_trainable
+from src.generate import generate
+from src.llama import config_from_hf, load_llama_state_dict
 from src.lora import apply_lora, lora_parameter_count
-from src.model import PRESETS, GPTConfig, GPTModel, count_parameters
+from src.model import PRESETS, GPTConfig, GPTModel, count_parameters, kv_cache_bytes
 from src.tokenizer import BPETokenizer
 from src.training import cross_entropy
 
@@ -245,6 +248,82 @@ def lora() -> None:
 # --8<-- [end:lora]
 
 
+# --8<-- [start:modern]
+def random_hf_models() -> dict[str, torch.nn.Module]:
+    """One small random model per family, built by transformers offline: grouped heads and a tied
+    head (Llama), one key/value head (Qwen2), a head size of its own (Qwen3)."""
+    import transformers as hf
+
+    common = dict(num_hidden_layers=2, vocab_size=101, max_position_embeddings=48, hidden_size=64,
+                  num_attention_heads=4, initializer_range=0.2, attn_implementation="eager")  # fmt: skip
+    specs = {
+        "Llama, 2 key/value heads, tied": hf.LlamaForCausalLM(hf.LlamaConfig(**common,
+            intermediate_size=100, num_key_value_heads=2, tie_word_embeddings=True,
+            rope_theta=1e4)),
+        "Qwen2, 1 key/value head, untied": hf.Qwen2ForCausalLM(hf.Qwen2Config(**common,
+            intermediate_size=150, num_key_value_heads=1, tie_word_embeddings=False,
+            rope_theta=1e6)),
+        "Qwen3, head size 32 on width 64": hf.Qwen3ForCausalLM(hf.Qwen3Config(**common,
+            intermediate_size=90, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+            rope_theta=1e6)),
+    }  # fmt: skip
+    with torch.no_grad():  # norms at 1 and biases at 0 would hide a mix-up
+        for model in specs.values():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return {name: model.eval() for name, model in specs.items()}
+
+
+def modern() -> None:
+    """Our model against transformers' Llama, Qwen2 and Qwen3 on every attention path, greedy
+    decoding with our KV cache against their generate, and what grouped heads save in the cache."""
+    print("max |our logits - transformers'|, float32, 3 random sequences of 48 tokens")
+    print(f"{'model':34}{'eager':>9}{'fused':>9}{'sdpa':>9}{'largest logit':>15}"
+          "  greedy, 30 tokens")  # fmt: skip
+    for name, ref in random_hf_models().items():
+        idx = torch.randint(0, 101, (3, 48))  # (B, T)
+        with torch.no_grad():
+            expected = ref(idx).logits  # (B, T, vocab_size)
+        diffs = []
+        for impl in ("eager", "fused", "sdpa"):
+            ours = GPTModel(config_from_hf(ref.config, attn_impl=impl)).eval()
+            load_llama_state_dict(ours, ref.state_dict())
+            with torch.no_grad():
+                diffs.append((ours(idx) - expected).abs().max().item())
+        prompt = torch.tensor([[5, 17, 42, 99, 3]])
+        eos = ref.generation_config.eos_token_id  # both stop at the model's end-of-text token
+        got = generate(ours, prompt, max_new_tokens=30, context_length=48, eos_id=eos)
+        want = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30,
+                            do_sample=False, pad_token_id=0)  # fmt: skip
+        same = f"all {got.shape[1] - 5} equal" if torch.equal(got, want) else "DIFFERENT"
+        print(f"{name:34}" + "".join(f"{d:9.1e}" for d in diffs)
+              + f"{expected.abs().max().item():15.1f}  {same}")  # fmt: skip
+
+    print("\nKV cache of one sequence in bf16: grouped (GQA), and with a key/value head per query "
+          "head (MHA)")  # fmt: skip
+    print(f"{'preset':14}{'layers x heads / kv x size':>28}{'per token':>12}{'if MHA':>12}"
+          f"{'context':>9}{'full context':>14}{'if MHA':>13}")  # fmt: skip
+    for name in ("gpt2-small", "smollm2-135m", "qwen2.5-0.5b", "qwen3-0.6b", "cpu-llama"):
+        cfg, mha = PRESETS[name], replace(PRESETS[name], n_kv_heads=None)
+        shape = f"{cfg.n_layers} x {cfg.n_heads} / {cfg.kv_heads} x {cfg.head_size}"
+        sizes = [kv_cache_bytes(c, n) for n in (1, cfg.context_length) for c in (cfg, mha)]
+        print(f"{name:14}{shape:>28}{sizes[0] / 2**10:>8.1f} KiB{sizes[1] / 2**10:>8.1f} KiB"
+              f"{cfg.context_length:>9,}" + "".join(f"{s / 2**20:>10,.1f} MiB" for s in sizes[2:]))  # fmt: skip
+
+    for cfg in (PRESETS["cpu-llama"], replace(PRESETS["cpu-llama"], n_kv_heads=None)):
+        model = GPTModel(cfg).eval()
+        cache = [KVCache() for _ in model.trf_blocks]
+        with torch.no_grad():
+            model(torch.zeros(1, cfg.context_length, dtype=torch.long), kv_cache=cache)
+        held = sum(c.k.nbytes + c.v.nbytes for c in cache)  # what the cache's tensors really hold
+        print(f"cpu-llama, {cfg.kv_heads} key/value heads, float32, after {cfg.context_length} "
+              f"tokens: the cache holds {held:,} bytes, the formula says "
+              f"{kv_cache_bytes(cfg, cfg.context_length, bytes_per_value=4):,}")  # fmt: skip
+
+
+# --8<-- [end:modern]
+
+
 def captured(demo: Callable[[], None]) -> str:
     """What ``demo`` prints, run from the same seed and on one thread every time."""
     torch.manual_seed(0)
@@ -349,6 +428,20 @@ def generating(tmp: Path) -> str:
     return "```text\n" + command(argv, tmp) + "```\n"
 
 
+def small_and_fast(tmp: Path) -> str:
+    """Greedy generation from the default run three ways: as trained, with int4 weights, and drafted
+    for by the draft run; the first and the last must print the same text."""
+    for folder in (REPO / "runs" / "default", REPO / "runs" / "draft"):
+        if not (folder / "checkpoints").is_dir():
+            raise Unavailable(
+                f"no checkpoint in {folder}: benchmarks/inference.py names its command"
+            )
+    base = [sys.executable, "-m", "src.generate", "--checkpoint", "runs/default", "--prompt",
+            "The for statement", "--max-new-tokens", "60", "--temperature", "0"]  # fmt: skip
+    ways = [[], ["--quantize", "int4", "--group-size", "64"], ["--draft", "runs/draft"]]
+    return "```text\n" + "\n".join(command(base + way, tmp) for way in ways) + "```\n"
+
+
 def instructions(tmp: Path) -> str:
     """Instruction finetuning of a small model from scratch on the real data, with and without the
     prompt masked, then two of the test answers; needs the reference data (about 13 minutes)."""
@@ -440,11 +533,13 @@ CHAPTERS: dict[str, Callable[[], str]] = {
     "attention": lambda: captured(attention),
     "flash-attention": lambda: captured(flash),
     "model": lambda: captured(model),
+    "modern": lambda: captured(modern),
     "classification": in_a_temporary_folder(classification),
     "scaling-out": in_a_temporary_folder(scaling_out),
     "lora": lambda: captured(lora),
     "generating": in_a_temporary_folder(generating),
     "instructions": in_a_temporary_folder(instructions),
+    "small-and-fast": in_a_temporary_folder(small_and_fast),
 }
 
 

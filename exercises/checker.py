@@ -25,8 +25,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 CHAPTERS = ("tokens", "batches", "attention", "fused-softmax", "flash-attention", "model",
-            "pretraining", "generating", "gpt2-weights", "classification", "instructions", "lora",
-            "scaling-out")  # fmt: skip
+            "pretraining", "generating", "gpt2-weights", "modern", "classification", "instructions",
+            "lora", "scaling-out", "small-and-fast")  # fmt: skip
 
 
 # --8<-- [start:exercise]

@@ -15,7 +15,6 @@ in one process with the configurations interleaved, so that a busy machine slows
 It writes ``docs/assets/ablation.md`` (the table the chapter includes) and ``ablation.json``.
 """
 
-import argparse
 import json
 import multiprocessing
 import statistics
@@ -29,6 +28,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from anywhere
+from src.cli import Parser, positive_int, run_command  # noqa: E402
 from src.data import (  # noqa: E402
     GPTDataset,
     load_corpus,
@@ -37,7 +37,7 @@ from src.data import (  # noqa: E402
     tokenize_cached,
     train_tokenizer_cached,
 )
-from src.files import cache_dir  # noqa: E402
+from src.files import cache_dir, write_atomically  # noqa: E402
 from src.model import PRESETS, GPTConfig, GPTModel, count_parameters  # noqa: E402
 from src.training import Schedule, adamw, cross_entropy, optimizer_step  # noqa: E402
 
@@ -142,17 +142,21 @@ def table(results: list[dict], seeds: list[int], base_tps: float) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per configuration (1, 2, ...)")
-    parser.add_argument("--repeats", type=int, default=7, help="rounds of the speed measurement")
-    parser.add_argument("--out", type=Path, default=OUT, help="folder for ablation.md and .json")
-    parser.add_argument("--jobs", type=int, default=2,
-                        help="training runs at a time, one process and one thread each")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads of the speed "
-                        "measurement (one: on a shared machine more threads wait for each other)")  # fmt: skip
-    args = parser.parse_args()
+def parser() -> Parser:
+    p = Parser(prog="experiments/ablation.py", description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=positive_int, default=200, help="optimizer steps per run")
+    p.add_argument("--seeds", type=positive_int, default=2, help="seeds per configuration: 1 .. N")
+    p.add_argument("--repeats", type=positive_int, default=7,
+                   help="rounds of the speed measurement")  # fmt: skip
+    p.add_argument("--out", type=Path, default=OUT, help="folder for ablation.md and .json")
+    p.add_argument("--jobs", type=positive_int, default=2,
+                   help="training runs at a time, one process and one thread each")  # fmt: skip
+    p.add_argument("--threads", type=positive_int, default=1, help="CPU threads of the speed "
+                   "measurement (one: on a shared machine more threads wait for each other)")  # fmt: skip
+    return p
+
+
+def main(args) -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     train_set, val_set, vocab_size = corpus_splits(BASE.vocab_size)
@@ -185,13 +189,11 @@ def main() -> None:
             "spread: the largest minus the smallest seed; tokens/s: one optimizer step, median of "
             f"{args.repeats} interleaved rounds.\n\n"
             f"*Made by `uv run python experiments/ablation.py` ({setup}).*\n")  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ablation.md").write_text(text, "utf-8")
-    (args.out / "ablation.json").write_text(
-        json.dumps({"setup": setup, "steps": args.steps, "seeds": seeds, "results": results},
-                   indent=2) + "\n", "utf-8")  # fmt: skip
+    write_atomically(args.out / "ablation.md", text)
+    write_atomically(args.out / "ablation.json", json.dumps(
+        {"setup": setup, "steps": args.steps, "seeds": seeds, "results": results}, indent=2) + "\n")  # fmt: skip
     print(text)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(parser(), main, sys.argv[1:]))

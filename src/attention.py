@@ -220,13 +220,19 @@ class MultiHeadAttention(nn.Module):
         v = self.W_value(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
         if self.q_norm is not None:  # each head's vector, before it is rotated
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope is not None:  # rotated by the positions start, start + 1, ...
-            q, k = self.rope(q, start), self.rope(k, start)
+        if self.rope is not None:  # rotated by their positions: start, start + 1, ... in each row
+            positions = (
+                torch.arange(T, device=x.device)
+                if kv_cache is None
+                else kv_cache.positions(T, x.device)
+            )
+            q, k = self.rope(q, positions), self.rope(k, positions)
         if kv_cache is None:
             context = self.attend(q, k, v)  # (B, H, T, hd)
         else:
-            k, v = kv_cache.append(k, v)  # (B, KV, start + T, hd): only the key/value heads
-            context = attend_cached(q, k, v, causal_mask(T, x.device, start))
+            # (B, KV, start + T, hd): only the key/value heads, written in place
+            k, v = kv_cache.append(k, v, self.context_length)
+            context = attend_cached(q, k, v, kv_cache.mask(T))
         # Put the heads side by side again and mix them.
         context = context.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H * hd)
         return self.out_proj(context)  # (B, T, d_out)
@@ -327,12 +333,12 @@ class RotaryEmbedding(nn.Module):
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
         self.register_buffer("inv_freq", 1.0 / (base**exponents), persistent=False)  # (hd/2,)
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """``x`` (B, heads, T, hd) at positions ``start .. start + T - 1``, rotated."""
-        T = x.shape[-2]
-        positions = torch.arange(start, start + T, device=x.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq.float())  # (T, hd/2): m * theta_i
-        angles = torch.cat((angles, angles), dim=-1)  # (T, hd): pair i's angle at i and i + hd/2
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, heads, T, hd) at ``positions``, (T,) or (B, T) (one row per sequence), rotated."""
+        angles = positions.float()[..., None] * self.inv_freq.float()  # (..., T, hd/2): m * theta_i
+        angles = torch.cat((angles, angles), dim=-1)  # (..., T, hd): pair i's angle at i, i + hd/2
+        if angles.dim() == 3:
+            angles = angles[:, None]  # (B, 1, T, hd): the same positions for every head
         return (x * angles.cos() + rotate_half(x) * angles.sin()).to(x.dtype)
 
 
@@ -353,21 +359,78 @@ class KVCache:
     A token's key and value depend only on the tokens up to it, so they never change once computed.
     Keeping them lets each new token cost one row of attention instead of re-running the prefix.
     With grouped-query attention only the ``n_kv_heads`` key/value heads are kept.
+
+    The storage is allocated once, at the first write (when the batch size, head size, dtype and
+    device are known), for ``max_length`` positions: the layer's context length when not given.
+    Each later token is written into its own slot, in place. Growing the tensors with ``torch.cat``
+    instead copies every cached position at every step: n steps copy 1 + 2 + ... + n positions.
+    A fixed buffer also makes forgetting cheap: ``rewind`` moves the end back, and the next write
+    overwrites what was there (speculative decoding rewinds past the draft tokens it rejects).
+
+    Prompts of different lengths run as one batch when each is aligned to the right and padded on
+    the left: ``padding[b]`` is how many slots row ``b`` begins with that hold no token. Those slots
+    are hidden from every query, and row ``b``'s positions count from its first real token, so each
+    row computes what it would compute alone.
     """
 
-    def __init__(self):
-        self.k: torch.Tensor | None = None  # (B, KV, length, hd)
-        self.v: torch.Tensor | None = None
+    def __init__(self, max_length: int | None = None, padding: torch.Tensor | None = None):
+        self.max_length = max_length
+        self.padding = padding  # (B,) int64, or None: no row is padded
+        self.length = 0  # slots written so far
+        # (B, KV, max_length, hd) each, allocated at the first write
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
 
     @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+    def k(self) -> torch.Tensor | None:
+        """The keys written so far, (B, KV, length, hd): a view of the buffer, not a copy."""
+        return None if self.keys is None else self.keys[:, :, : self.length]
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the new positions' keys and values; return all of them."""
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+    @property
+    def v(self) -> torch.Tensor | None:
+        return None if self.values is None else self.values[:, :, : self.length]
+
+    def append(
+        self, k: torch.Tensor, v: torch.Tensor, context_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new positions' keys and values, (B, KV, T, hd), into the next T slots; return
+        every key and value written so far, (B, KV, length, hd)."""
+        if self.keys is None:
+            B, KV, _, hd = k.shape
+            shape = (B, KV, self.max_length or context_length, hd)
+            self.keys, self.values = k.new_empty(shape), v.new_empty(shape)
+        end = self.length + k.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(f"the cache holds {self.keys.shape[2]} positions; {end} do not fit")
+        self.keys[:, :, self.length : end] = k  # in place: nothing already cached moves
+        self.values[:, :, self.length : end] = v
+        self.length = end
         return self.k, self.v
+
+    def rewind(self, length: int) -> None:
+        """Forget every slot from ``length`` on; the next write goes there."""
+        self.length = min(self.length, length)
+
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        """The positions of the next ``T`` tokens to be written: (T,), or (B, T) when rows are
+        padded, each counted from its row's first real token (padding slots get 0)."""
+        slots = torch.arange(self.length, self.length + T, device=device)  # (T,)
+        if self.padding is None:
+            return slots
+        return (slots - self.padding.to(device)[:, None]).clamp(min=0)  # (B, T)
+
+    def mask(self, T: int) -> torch.Tensor:
+        """True where one of the ``T`` newest queries must not look: (T, length), or
+        (B, 1, T, length) when rows are padded. A query never sees a later slot, nor a padding
+        slot other than its own (a padding query sees itself, so that its softmax has a term)."""
+        device = self.keys.device
+        future = causal_mask(T, device, start=self.length - T)  # (T, length)
+        if self.padding is None:
+            return future
+        keys = torch.arange(self.length, device=device)  # (length,): the slots
+        queries = keys[self.length - T :, None]  # (T, 1): the newest T slots
+        padding = keys < self.padding.to(device)[:, None, None]  # (B, 1, length)
+        return (future | (padding & (keys != queries)))[:, None]  # (B, 1, T, length)
 
 
 def attend_cached(
@@ -375,9 +438,9 @@ def attend_cached(
 ) -> torch.Tensor:
     """Attention of ``T`` new queries over ``start + T`` cached keys, in inference mode.
 
-    ``mask`` is the causal mask's rows ``start..start+T-1``: query ``i`` sits at position
-    ``start + i`` and sees every key up to it. The core is the plain reference, so cached decoding
-    computes exactly what the eager path computes.
+    ``mask`` (from ``KVCache.mask``) hides, for query ``i`` at slot ``start + i``, every later
+    slot and the padding. The core is the plain reference, so cached decoding computes exactly
+    what the eager path computes.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     weights = causal_softmax(grouped_scores(q, k), scale, mask)  # (B, H, T, start + T)

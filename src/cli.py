@@ -33,10 +33,12 @@ from tqdm import tqdm
 
 from src import llama
 from src.checkpoints import find_checkpoint, json_safe, load_model
+from src.data import fingerprint_of
 from src.errors import NonFiniteLossError, UserError
 from src.files import write_atomically
 from src.gpt2 import GPT2_REPOS, load_pretrained
 from src.model import PRESETS, GPTConfig, GPTModel
+from src.quantize import quantize_model
 from src.tokenizer import get_tokenizer
 from src.training import perplexity
 
@@ -136,7 +138,18 @@ def add_model_source(p: argparse.ArgumentParser, required: bool, preset: bool = 
 
 def load_model_source(args, device: torch.device, **fields) -> tuple[GPTModel, object, str]:
     """The model the flags of ``add_model_source`` name (config ``fields`` overridden), its
-    tokenizer, and the tokenizer's name for the record."""
+    tokenizer, and the tokenizer's name for the record; quantized if ``--quantize`` says so."""
+    model, tokenizer, ref = _model_and_tokenizer(args, device, **fields)
+    if getattr(args, "quantize", None):
+        bits = int(args.quantize.removeprefix("int"))
+        group_size = args.group_size or (64 if bits == 4 else None)  # int4 needs its groups
+        model = quantize_model(model, bits, group_size).to(device)
+    elif getattr(args, "group_size", None):
+        raise UserError("--group-size needs --quantize")
+    return model, tokenizer, ref
+
+
+def _model_and_tokenizer(args, device: torch.device, **fields) -> tuple[GPTModel, object, str]:
     if getattr(args, "checkpoint", None):
         if args.tokenizer:
             raise UserError("--tokenizer: a checkpoint brings its own tokenizer; leave it out")
@@ -166,6 +179,29 @@ def load_model_source(args, device: torch.device, **fields) -> tuple[GPTModel, o
 
 
 # --8<-- [end:model_source]
+
+
+# --8<-- [start:inference_sources]
+def add_quantization(p: argparse.ArgumentParser) -> None:
+    """``--quantize`` and ``--group-size``: the weights of the model source, made small."""
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="hold the model's weights as 8- or 4-bit integers (src/quantize.py)")  # fmt: skip
+    p.add_argument("--group-size", type=positive_int,
+                   help="weights per scale in a row: int4's default 64; int8's one scale per row")  # fmt: skip
+
+
+def load_draft(path: str, tokenizer, device: torch.device) -> GPTModel:
+    """The draft model of speculative decoding, a checkpoint that must read and write the same
+    tokens as the model it drafts for: the same tokenizer, checked by its fingerprint."""
+    draft, draft_tokenizer, _ = load_model(path, device)
+    if fingerprint_of(draft_tokenizer) != fingerprint_of(tokenizer):
+        raise UserError(f"--draft {path} was trained with another tokenizer than the model's "
+                        "(their fingerprints differ); train it on the same corpus with the same "
+                        "--vocab-size")  # fmt: skip
+    return draft
+
+
+# --8<-- [end:inference_sources]
 
 
 # --8<-- [start:run_folder]

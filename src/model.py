@@ -136,6 +136,11 @@ PRESETS: dict[str, GPTConfig] = {
     "cpu-tiny": GPTConfig(
         vocab_size=1024, context_length=64, emb_dim=64, n_heads=2, n_layers=2, drop_rate=0.0
     ),
+    # The draft of cpu-small for speculative decoding: cpu-tiny's width and depth, with cpu-small's
+    # vocabulary (the same tokenizer) and context (it reads as far back as the model it drafts for).
+    "cpu-draft": GPTConfig(
+        vocab_size=8192, context_length=256, emb_dim=64, n_heads=2, n_layers=2, drop_rate=0.0
+    ),
 }
 # --8<-- [end:config]
 
@@ -319,7 +324,8 @@ class GPTModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, kv_cache: list[KVCache] | None = None) -> torch.Tensor:
         """With ``kv_cache`` (one ``KVCache`` per block), ``idx`` continues the tokens already
-        cached: its positions count on from the cache's length."""
+        cached: its positions count on from the cache's length (in each row, from its first real
+        token when the cache records left padding)."""
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache[0].length
         if start + T > self.cfg.context_length:
@@ -328,7 +334,12 @@ class GPTModel(nn.Module):
             )
         x = self.tok_emb(idx)  # (B, T, emb_dim)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            positions = (
+                torch.arange(T, device=idx.device)
+                if kv_cache is None
+                else kv_cache[0].positions(T, idx.device)  # (T,), or (B, T) for padded rows
+            )
+            x = x + self.pos_emb(positions)
         x = self.drop_emb(x)
         for i, block in enumerate(self.trf_blocks):
             x = block(x, None if kv_cache is None else kv_cache[i])  # (B, T, emb_dim)

@@ -36,6 +36,7 @@ BAD_FLAGS = [
     ("tokenizer.py", ["--repeats", "0"], "--repeats"),
     ("attention.py", ["--repeats", "0"], "--repeats"),
     ("attention.py", ["--threads", "0"], "--threads"),
+    ("inference.py", ["--repeats", "0"], "--repeats"),
 ]
 
 

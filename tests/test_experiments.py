@@ -85,3 +85,14 @@ def test_a_cheap_experiment_writes_its_committed_table(name, tmp_path):
     assert fresh.endswith(f"\n\n*Made by `uv run python -m experiments {name}`.*\n")
     committed = (OUT / f"{name}.md").read_text()
     assert differences(committed, fresh, Tolerance()) == []
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--seeds", "--jobs", "--repeats"])
+def test_the_ablation_refuses_a_count_that_is_not_positive_in_one_line(flag, tmp_path):
+    result = subprocess.run([sys.executable, "experiments/ablation.py", flag, "0", "--out",
+                             str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert flag in result.stderr and "positive integer" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ ORDER = [
     "fused_softmax", "flash_attention", "attention", "model",  # the kernels, attention, the GPT
     "training", "checkpoints",  # how a model takes a step; its state on disk
     "gpt2", "llama", "lora",  # published weights (GPT-2; Llama, Qwen); low-rank adapters
+    "quantize",  # int8 / int4 weights
     "cli",  # what the commands share
     "generate", "train", "finetune", "classify", "instruct",  # the commands
 ]  # fmt: skip

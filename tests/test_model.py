@@ -206,9 +206,9 @@ def test_rotary_embedding_is_a_rotation_of_each_pair_by_position():
                                  (torch.arange(3, 3 + T, dtype=torch.float64)[:, None] * theta))  # fmt: skip
     expected = torch.cat((turned.real, turned.imag), dim=-1)
     # The angles are float32, as Hugging Face computes them: equal to about 1e-6.
-    torch.testing.assert_close(rope(x, start=3), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(rope(x, torch.arange(3, 3 + T)), expected, rtol=0, atol=1e-5)
     q, k = torch.randn(hd, dtype=torch.float64), torch.randn(hd, dtype=torch.float64)
-    at = lambda v, m: rope(v.view(1, 1, 1, hd), start=m).flatten()  # noqa: E731
+    at = lambda v, m: rope(v.view(1, 1, 1, hd), torch.tensor([m])).flatten()  # noqa: E731
     torch.testing.assert_close(at(q, 7) @ at(k, 2), at(q, 12) @ at(k, 7))
 
 
@@ -239,7 +239,8 @@ def test_grouped_heads_equal_attention_over_repeated_key_value_heads(attn_impl, 
     q = mha.W_query(x).view(B, T, 4, 8).transpose(1, 2)
     k = mha.W_key(x).view(B, T, n_kv_heads, 8).transpose(1, 2)
     v = mha.W_value(x).view(B, T, n_kv_heads, 8).transpose(1, 2)
-    q, k = mha.rope(mha.q_norm(q), 0), mha.rope(mha.k_norm(k), 0)
+    positions = torch.arange(T)
+    q, k = mha.rope(mha.q_norm(q), positions), mha.rope(mha.k_norm(k), positions)
     k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, 4, T, hd)
     context = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     expected = mha.out_proj(context.transpose(1, 2).reshape(B, T, 32))

@@ -33,6 +33,10 @@ NOT_COMPARED = {
     # Needs the default run's checkpoint (minutes of training); the streaming it shows is tested by
     # tests/test_generate.py's command-line tests on a small checkpoint they train.
     "generating": "needs runs/default, the default training run's checkpoint",
+    # Needs runs/default and its draft run; what it shows (the same greedy text with and without
+    # the draft, int4 weights from the command line) is tested by tests/test_generate.py and
+    # tests/test_quantize.py on small models.
+    "small-and-fast": "needs runs/default and runs/draft, two training runs' checkpoints",
     # Two finetuning runs on the real instruction data, about 13 minutes; the path it exercises is
     # tested on synthetic data by tests/test_instruct.py.
     "instructions": "about 13 minutes of finetuning on the reference data",
