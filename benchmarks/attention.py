@@ -1,4 +1,4 @@
-"""How much the fused causal softmax buys: plain vs fused vs PyTorch SDPA, side by side in one run.
+"""How much our kernels buy: plain vs fused softmax vs flash attention vs PyTorch SDPA, in one run.
 
 Part one times the softmax step alone (scale + causal mask + softmax, and its backward) on
 ``(B*H, T, T)`` scores, and turns each time into an effective bandwidth: the fewest bytes the step
@@ -6,20 +6,26 @@ must move (read the causal lower triangle, write the full output) divided by the
 is a plain tensor copy of the same size, measured in the same run.
 
 Part two times the whole attention core, ``softmax(mask(q k^T * scale)) v`` with head dim 64 as in
-GPT-2 small: the plain path, the plain path with our fused softmax in the middle, and
-``F.scaled_dot_product_attention``. B*H shrinks as T grows so every shape moves the same number of
-score bytes.
+GPT-2 small: the plain path, the plain path with our fused softmax in the middle, our flash attention
+kernel, and ``F.scaled_dot_product_attention``. B*H shrinks as T grows so every shape moves the same
+number of score bytes.
+
+Every row names the instruction set its kernels ran with (PyTorch's CPU capability, which our
+extension is built for too). On an AVX-512 machine the softmax step is measured a second time with
+PyTorch and our kernels forced to AVX2 (``ATEN_CPU_CAPABILITY=avx2``, in a child process), so one run
+gives both.
 
 Method: warm-up calls, then the candidates of a shape interleaved call by call, repeated, and the
 median kept; the thread count is set and stated. On a GPU each call is timed with CUDA events, on a
 problem 8 times larger, so that the kernels are timed rather than their launch. Peak memory is the growth of the process's resident
-set during one forward+backward (on a GPU, the allocator's peak). glibc serves allocations this large
+set during one forward+backward (on a GPU, the allocator's peak), at T = 1024 and, for the attention
+core, at T = 4096. glibc serves allocations this large
 with fresh ``mmap``s, so every call would pay to page-fault its output in; the effect is measured
 once, then the allocator is told to keep and reuse freed memory, as a training loop's steady state
 does, for all other timings.
 
     uv run python benchmarks/attention.py            # full run: table, JSON, PNG, Markdown
-    uv run python benchmarks/attention.py --quick    # smoke run, a few seconds, written to a temp dir
+    uv run python benchmarks/attention.py --quick    # smoke run, a minute, written to a temp dir
     uv run python benchmarks/attention.py --from-json docs/assets/attention-benchmark-h100.json
                                                      # redraw a run's tables and plot, timing nothing
 """
@@ -28,7 +34,9 @@ import argparse
 import ctypes
 import json
 import math
+import os
 import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +46,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import markdown_table, median_times
-from src import fused_softmax
+from src import flash_attention, fused_softmax
 from src.attention import causal_softmax
 from src.cli import Parser, positive_int, run_command
 from src.errors import UserError
@@ -48,6 +56,10 @@ HEAD_DIM = 64
 # B*H*T*T, kept for every T: GPT-2 small's 12 heads at T=1024, times a batch of 8 on a GPU, where a
 # smaller problem would time the launch instead of the kernel.
 SCORE_ELEMENTS = {"cpu": 12 * 1024 * 1024, "cuda": 8 * 12 * 1024 * 1024}
+TS = [128, 256, 512, 1024, 2048]
+DTYPES = [torch.float32, torch.bfloat16]
+LONG_T, LONG_BH = 4096, 4  # the long-context memory row: eager's scores alone are 256 MiB
+PATHS = ("plain", "fused", "flash", "sdpa")
 OUT = Path(__file__).resolve().parent.parent / "docs" / "assets" / "attention-benchmark"
 
 
@@ -135,9 +147,9 @@ def softmax_step(T: int, dtype, device: str) -> dict:
     }
 
 
-def attention_core(T: int, dtype, device: str) -> dict:
-    """Callables for part two: softmax(mask(q k^T * scale)) v three ways, forward and forward+backward."""
-    n = SCORE_ELEMENTS[device] // (T * T)
+def attention_core(T: int, dtype, device: str, n: int | None = None) -> dict:
+    """Callables for part two: softmax(mask(q k^T * scale)) v four ways, forward and forward+backward."""
+    n = n or SCORE_ELEMENTS[device] // (T * T)
     scale = 1 / math.sqrt(HEAD_DIM)
     # (B, H, T, d) as in the model, with B = 1: before torch 2.15, SDPA's fused kernels refuse
     # 3-D input and fall back to its plain math path.
@@ -149,6 +161,7 @@ def attention_core(T: int, dtype, device: str) -> dict:
     paths = {
         "plain": lambda: plain_softmax(q @ k.transpose(-2, -1), scale) @ v,
         "fused": lambda: fused_softmax.fused_causal_softmax(q @ k.transpose(-2, -1), scale) @ v,
+        "flash": lambda: flash_attention.flash_causal_attention(q, k, v, scale),
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     }
 
@@ -213,6 +226,9 @@ def parser() -> Parser:
     p.add_argument("--from-json", type=Path, metavar="JSON",
                    help="measure nothing: write the .md and .png of a finished run from its JSON, "
                    "beside it (or at --out)")  # fmt: skip
+    p.add_argument("--no-avx2", action="store_true",
+                   help="on an AVX-512 machine, do not measure the softmax step again with AVX2 kernels")  # fmt: skip
+    p.add_argument("--softmax-only", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -222,16 +238,19 @@ def run(args) -> None:
     if not sys.platform.startswith("linux"):
         raise UserError("the memory measurements read /proc and call glibc's mallopt: Linux only")
     try:
-        fused_softmax.ensure_available()
+        flash_attention.ensure_available()  # the library of every kernel: softmax and flash
     except RuntimeError as err:
         raise UserError(str(err)) from None
+    if args.softmax_only:  # the child process of the AVX2 measurement: its rows, as JSON
+        reuse_pages()
+        Ts = [1024] if args.quick else TS
+        rows = timed_rows(
+            [("cpu", t) for t in args.threads], DTYPES, Ts, args.repeats, ("softmax",)
+        )
+        write_atomically((args.out or OUT).with_suffix(".json"), json.dumps(rows))
+        return
 
-    Ts, dtypes, threads, repeats = (
-        [128, 256, 512, 1024, 2048],
-        [torch.float32, torch.bfloat16],
-        args.threads,
-        args.repeats,
-    )
+    Ts, dtypes, threads, repeats = TS, DTYPES, args.threads, args.repeats
     if args.quick:
         Ts, dtypes, threads, repeats = [128, 256], [torch.float32], [1], 2
     out = args.out or (
@@ -251,24 +270,26 @@ def run(args) -> None:
         "memory": [],
         "rows": [],
     }
-    # Phase 1, fresh pages: peak memory (with every free returned to the OS), and the page faults.
+
+    # Phase 1, fresh pages: peak memory (with every free returned to the OS), the page-fault cost.
     fresh_pages()
     torch.set_num_threads(threads[0])
-    report["memory"] = [m for device in devices for m in peak_memories(T_ref, dtypes, device)]
-    report["page_faults"] = page_faults(T_ref, threads[0], repeats)  # ends in reuse_pages()
-    # Phase 2, reused pages: the timings.
+    report["memory"] = memory_rows(dtypes, T_ref, devices, long=not args.quick)
+    report["page_faults"] = page_fault_rows(T_ref, threads[0], repeats)
+
+    # Phase 2, reused pages: the timings; then the softmax step again with AVX2 kernels.
+    def save(row):
+        report["rows"].append(row)
+        print(format_row(row), flush=True)
+        write_atomically(
+            out.with_suffix(".json"), json.dumps(report, indent=1)
+        )  # kept if interrupted
+
     runs = [("cpu", t) for t in threads] + [("cuda", None) for _ in devices[1:]]
-    for device, nthreads in runs:
-        if nthreads:
-            torch.set_num_threads(nthreads)
-        for dtype in dtypes:
-            for T in Ts:
-                for part in ("softmax", "attention"):
-                    report["rows"].append(timed_row(part, T, dtype, device, nthreads, repeats))
-                    print(format_row(report["rows"][-1]), flush=True)
-                    write_atomically(
-                        out.with_suffix(".json"), json.dumps(report, indent=1)
-                    )  # kept if interrupted
+    timed_rows(runs, dtypes, Ts, repeats, ("softmax", "attention"), save)
+    if report["cpu_capability"] == "AVX512" and not args.no_avx2:
+        for row in avx2_rows(threads, repeats, args.quick):
+            save(row)
 
     report["targets"] = targets(report)
     write_atomically(out.with_suffix(".json"), json.dumps(report, indent=1))
@@ -279,53 +300,117 @@ def run(args) -> None:
     print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
 
 
-def peak_memories(T: int, dtypes: list, device: str) -> list[dict]:
-    """Peak memory of one forward+backward of each path, for each dtype, at context ``T``."""
-    found = []
-    for dtype in dtypes:
-        step, core = softmax_step(T, dtype, device), attention_core(T, dtype, device)
-        for part, candidates in (("softmax", step), ("attention", core)):
-            for name in [n for n in candidates if n.endswith("fwd+bwd")]:
-                found.append({"part": part, "dtype": str(dtype)[6:], "T": T, "device": device,
-                              "path": name.split()[0],
-                              "bytes": peak_memory(candidates[name], device)})  # fmt: skip
-    return found
+def memory_rows(dtypes, T_ref: int, devices: list[str], long: bool) -> list[dict]:
+    """Peak memory of one forward+backward of each path: the softmax step and the attention core
+    at T_ref, and the attention core at LONG_T (CPU, float32) where the (T, T) tensors dominate."""
+    rows = []
+
+    def add(part, dtype, T, device, cands):
+        for name in [n for n in cands if n.endswith("fwd+bwd") and not n.startswith("copy")]:
+            row = {"part": part, "dtype": str(dtype)[6:], "T": T, "device": device}
+            rows.append({**row, "path": name.split()[0], "bytes": peak_memory(cands[name], device)})
+
+    for device in devices:
+        for dtype in dtypes:
+            step = softmax_step(T_ref, dtype, device)
+            add(
+                "softmax",
+                dtype,
+                T_ref,
+                device,
+                {k: step[k] for k in ("plain fwd+bwd", "fused fwd+bwd")},
+            )
+            add("attention", dtype, T_ref, device, attention_core(T_ref, dtype, device))
+    if long:
+        add(
+            "attention",
+            torch.float32,
+            LONG_T,
+            "cpu",
+            attention_core(LONG_T, torch.float32, "cpu", LONG_BH),
+        )
+    return rows
 
 
-def page_faults(T: int, threads: int, repeats: int) -> list[dict]:
-    """The softmax forward timed into fresh pages, then, after ``reuse_pages()``, into reused ones."""
-    step = softmax_step(T, torch.float32, "cpu")
-    forward = {k: step[k] for k in ("plain fwd", "fused fwd")}
-    fresh = measure(forward, repeats, "cpu")
+def page_fault_rows(T_ref: int, nthreads: int, repeats: int) -> list[dict]:
+    """The fused and plain softmax forward into fresh pages on every call, then into reused ones
+    (this switches the allocator to reuse, for every later measurement)."""
+    step = softmax_step(T_ref, torch.float32, "cpu")
+    fresh = measure({k: step[k] for k in ("plain fwd", "fused fwd")}, repeats, "cpu")
     reuse_pages()
-    reused = measure(forward, repeats, "cpu")
-    print(f"page faults, fp32 T={T}, {threads} thread(s): "
-          + ", ".join(f"{k} {fresh[k]:.1f} ms fresh vs {reused[k]:.1f} ms reused" for k in fresh))  # fmt: skip
-    return [{"T": T, "threads": threads, "path": name, "fresh_ms": fresh[name],
-             "reused_ms": reused[name]} for name in fresh]  # fmt: skip
-
-
-def timed_row(part: str, T: int, dtype, device: str, threads: int | None, repeats: int) -> dict:
-    """One row of the report: every candidate of ``part`` at one shape, median ms each."""
-    ms = measure(
-        (softmax_step if part == "softmax" else attention_core)(T, dtype, device), repeats, device
+    reused = measure({k: step[k] for k in ("plain fwd", "fused fwd")}, repeats, "cpu")
+    print(
+        f"page faults, fp32 T={T_ref}, {nthreads} thread(s): "
+        + ", ".join(f"{k} {fresh[k]:.1f} ms fresh vs {reused[k]:.1f} ms reused" for k in fresh)
     )
-    row = {"part": part, "device": device, "threads": threads, "dtype": str(dtype)[6:], "T": T,
-           "BH": SCORE_ELEMENTS[device] // (T * T), "ms": ms}  # fmt: skip
-    if part == "softmax":
-        nbytes = softmax_bytes(T, dtype, device)
-        row["GBps"] = {
-            "copy": nbytes["copy"] / ms["copy"] / 1e6,
-            "fused fwd": nbytes["fwd"] / ms["fused fwd"] / 1e6,
-            "fused bwd": nbytes["bwd"] / ms["fused bwd"] / 1e6,
-        }
-    return row
+    return [
+        {"T": T_ref, "threads": nthreads, "path": name, "fresh_ms": fresh[name],
+         "reused_ms": reused[name]}
+        for name in fresh
+    ]  # fmt: skip
+
+
+def timed_rows(runs, dtypes, Ts, repeats: int, parts, on_row=None) -> list[dict]:
+    """One row of median times per (device and threads, dtype, T, part), each handed to on_row."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    makers = {"softmax": softmax_step, "attention": attention_core}
+    rows = []
+    for device, nthreads in runs:
+        if nthreads:
+            torch.set_num_threads(nthreads)
+        for dtype in dtypes:
+            for T in Ts:
+                for part in parts:
+                    ms = measure(makers[part](T, dtype, device), repeats, device)
+                    row = {
+                        "part": part,
+                        "device": device,
+                        "threads": nthreads,
+                        "isa": isa if device == "cpu" else None,
+                        "dtype": str(dtype)[6:],
+                        "T": T,
+                        "BH": SCORE_ELEMENTS[device] // (T * T),
+                        "ms": ms,
+                    }
+                    if part == "softmax":
+                        nbytes = softmax_bytes(T, dtype, device)
+                        row["GBps"] = {
+                            "copy": nbytes["copy"] / ms["copy"] / 1e6,
+                            "fused fwd": nbytes["fwd"] / ms["fused fwd"] / 1e6,
+                            "fused bwd": nbytes["bwd"] / ms["fused bwd"] / 1e6,
+                        }
+                    rows.append(row)
+                    if on_row:
+                        on_row(row)
+    return rows
+
+
+def avx2_rows(threads: list[int], repeats: int, quick: bool) -> list[dict]:
+    """The softmax step again in a child process whose PyTorch, and so our extension, runs AVX2."""
+    with tempfile.TemporaryDirectory() as tmp:
+        child = [sys.executable, __file__, "--softmax-only", "--out", f"{tmp}/avx2",
+                 "--threads", ",".join(map(str, threads)), "--repeats", str(repeats)]  # fmt: skip
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+        subprocess.run(child + (["--quick"] if quick else []), env=env, check=True)
+        return json.loads(Path(f"{tmp}/avx2.json").read_text())
+
+
+def redraw(json_path: Path, out: Path) -> None:
+    """The tables and the plot of a finished run, from its JSON alone."""
+    try:
+        report = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read a benchmark run from {json_path}: {err}") from None
+    threads = list(dict.fromkeys(r["threads"] for r in report["rows"] if r["device"] == "cpu"))
+    report["targets"] = targets(report)
+    write_atomically(out.with_suffix(".md"), to_markdown(report, threads))
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.png')} from {json_path}")
 
 
 def format_row(row: dict) -> str:
     ms = row["ms"]
-    where = f"{row['device']}" + (f" {row['threads']}t" if row["threads"] else "")
-    head = f"{row['part']:9} {where:6} {row['dtype']:8} T={row['T']:4} BH={row['BH']:3}"
+    head = f"{row['part']:9} {_where(row):13} {row['dtype']:8} T={row['T']:4} BH={row['BH']:3}"
     if row["part"] == "softmax":
         bw = row["GBps"]
         return (
@@ -334,24 +419,26 @@ def format_row(row: dict) -> str:
             f"{ms['fused fwd+bwd']:6.2f} ms ({ms['plain fwd+bwd'] / ms['fused fwd+bwd']:.1f}x)  "
             f"GB/s fwd {bw['fused fwd']:.1f} bwd {bw['fused bwd']:.1f} copy {bw['copy']:.1f}"
         )
+    times = " ".join(f"{p} {ms[f'{p} fwd+bwd']:7.1f}" for p in PATHS if f"{p} fwd+bwd" in ms)
     return (
-        f"{head} fwd+bwd plain {ms['plain fwd+bwd']:7.1f} fused {ms['fused fwd+bwd']:7.1f} "
-        f"sdpa {ms['sdpa fwd+bwd']:7.1f} ms (plain/fused {ms['plain fwd+bwd'] / ms['fused fwd+bwd']:.2f}x, "
-        f"sdpa/fused {ms['sdpa fwd+bwd'] / ms['fused fwd+bwd']:.2f}x)"
+        f"{head} fwd+bwd {times} ms (plain/flash {ms['plain fwd+bwd'] / ms['flash fwd+bwd']:.2f}x, "
+        f"sdpa/flash {ms['sdpa fwd+bwd'] / ms['flash fwd+bwd']:.2f}x)"
     )
 
 
 # --8<-- [start:targets]
 def targets(report: dict) -> list[dict]:
-    """Each performance target, per CPU thread count (the softmax ones on a GPU too): the measured
-    value and met or not."""
+    """Each performance target, per CPU thread count and instruction set (the softmax ones on a GPU
+    too): the measured value and met or not."""
     result = []
 
     def check(name, value, goal, met):
         result.append({"target": name, "value": round(value, 3), "goal": goal, "met": bool(met)})
 
     for r in report["rows"]:
-        where = f"{r['threads']}t" if r["device"] == "cpu" else r["device"]
+        where = (
+            f"{r['threads']}t {r.get('isa') or ''}".strip() if r["device"] == "cpu" else r["device"]
+        )
         ms, t = r["ms"], f"{where} {r['dtype']} T={r['T']}"
         if r["part"] == "softmax" and r["dtype"] == "float32" and r["T"] == 1024:
             fwd, both = ms["plain fwd"] / ms["fused fwd"], ms["plain fwd+bwd"] / ms["fused fwd+bwd"]
@@ -370,28 +457,23 @@ def targets(report: dict) -> list[dict]:
                 ">= 0.85",
                 bw["fused bwd"] / bw["copy"] >= 0.85,
             )
-        if r["part"] == "attention" and r["device"] == "cpu":
-            speedup = ms["plain fwd+bwd"] / ms["fused fwd+bwd"]
-            check(f"attention fwd+bwd plain/fused, {t}", speedup, ">= 1.5x", speedup >= 1.5)
-            limit = 512 if r["dtype"] == "float32" else 1024
-            if r["T"] <= limit:
-                vs = ms["sdpa fwd+bwd"] / ms["fused fwd+bwd"]
-                check(
-                    f"attention fwd+bwd sdpa/fused, {t}",
-                    vs,
-                    ">= 1 (fused at or below SDPA)",
-                    vs >= 1,
-                )
-    memory = {(m["part"], m["dtype"], m["device"], m["path"]): m["bytes"] for m in report["memory"]}
-    for (part, dtype, device, path), nbytes in memory.items():
-        if path == "fused":
-            plain = memory[(part, dtype, device, "plain")]
-            check(
-                f"peak memory fused/plain, {part} {device} {dtype}",
-                nbytes / plain,
-                "<= 1",
-                nbytes <= plain,
-            )
+        if r["part"] == "attention" and r["device"] == "cpu" and "flash fwd+bwd" in ms:
+            vs_sdpa = ms["sdpa fwd+bwd"] / ms["flash fwd+bwd"]
+            if r["T"] >= 256 and (r["dtype"] == "float32" or r["T"] <= 1024):
+                check(f"attention fwd+bwd sdpa/flash, {t}", vs_sdpa, ">= 1", vs_sdpa >= 1)
+            vs_plain = ms["plain fwd+bwd"] / ms["flash fwd+bwd"]
+            if r["T"] >= 512:
+                check(f"attention fwd+bwd plain/flash, {t}", vs_plain, ">= 2x", vs_plain >= 2)
+    memory = {(m["part"], m["dtype"], m["device"], m["T"], m["path"]): m["bytes"]
+              for m in report["memory"]}  # fmt: skip
+    for (part, dtype, device, T, path), nbytes in memory.items():
+        plain = memory[(part, dtype, device, T, "plain")]
+        if path == "fused" and T != LONG_T:
+            check(f"peak memory fused/plain, {part} {device} {dtype} T={T}", nbytes / plain, "<= 1",
+                  nbytes <= plain)  # fmt: skip
+        if path == "flash" and T == LONG_T:
+            check(f"peak memory flash/plain, {part} {device} {dtype} T={T}", nbytes / plain,
+                  "<= 0.1", nbytes <= 0.1 * plain)  # fmt: skip
     return result
 
 
@@ -399,70 +481,92 @@ def targets(report: dict) -> list[dict]:
 
 
 def _where(r: dict) -> str:
-    return f"{r['device']} {r['threads']}t" if r["threads"] else r["device"]
+    """Where a row ran: the GPU, or the CPU's thread count and instruction set."""
+    return (
+        f"{r['device']} {r['threads']}t {r.get('isa') or ''}".strip()
+        if r["threads"]
+        else r["device"]
+    )
+
+
+def _marker(kind: str, name: str) -> str:
+    """A section marker for pymdownx.snippets in an HTML comment, so that a page can include one
+    part of the tables; spelled in two pieces here, or this file's own sections would see it."""
+    return f"<!-- {'--8' + '<--'} [{kind}:{name}] -->"
+
+
+def _ms(r: dict, key: str) -> str:
+    return f"{r['ms'][key]:.1f}" if key in r["ms"] else "-"  # runs from before flash have no flash
+
+
+def _ratio(r: dict, a: str, b: str) -> str:
+    return f"{r['ms'][a] / r['ms'][b]:.2f}x" if a in r["ms"] and b in r["ms"] else "-"
 
 
 def to_markdown(report: dict, threads: list[int]) -> str:
     """The run as Markdown tables, none wider than ten columns so that each fits the page."""
     softmax = [r for r in report["rows"] if r["part"] == "softmax"]
     attention = [r for r in report["rows"] if r["part"] == "attention"]
-    sections = ["**Softmax step** (B*H, T, T), median ms", markdown_table(
+    # Each part between section markers, so that a page can include one part (pymdownx.snippets).
+    lines = [_marker("start", "softmax"), "", "**Softmax step** (B*H, T, T), median ms", ""]
+    lines += [markdown_table(
         ["device", "dtype", "T", "B*H", "plain fwd", "fused fwd", "speed-up", "plain fwd+bwd",
          "fused fwd+bwd", "speed-up"],
         [[_where(r), r["dtype"], r["T"], r["BH"], f"{r['ms']['plain fwd']:.2f}",
           f"{r['ms']['fused fwd']:.2f}", f"{r['ms']['plain fwd'] / r['ms']['fused fwd']:.1f}x",
           f"{r['ms']['plain fwd+bwd']:.2f}", f"{r['ms']['fused fwd+bwd']:.2f}",
-          f"{r['ms']['plain fwd+bwd'] / r['ms']['fused fwd+bwd']:.1f}x"] for r in softmax])]  # fmt: skip
-    sections += ["**Softmax step**, the fused path's effective bandwidth against a copy of the same "
-                 "size", markdown_table(
+          f"{r['ms']['plain fwd+bwd'] / r['ms']['fused fwd+bwd']:.1f}x"] for r in softmax],
+    )]  # fmt: skip
+    lines += ["", "**Softmax step**, the fused path's effective bandwidth against a copy of the "
+              "same size", ""]  # fmt: skip
+    lines += [markdown_table(
         ["device", "dtype", "T", "fused fwd GB/s", "fused bwd GB/s", "copy GB/s", "fwd / copy",
          "bwd / copy"],
         [[_where(r), r["dtype"], r["T"], f"{r['GBps']['fused fwd']:.1f}",
           f"{r['GBps']['fused bwd']:.1f}", f"{r['GBps']['copy']:.1f}",
           f"{r['GBps']['fused fwd'] / r['GBps']['copy']:.0%}",
-          f"{r['GBps']['fused bwd'] / r['GBps']['copy']:.0%}"] for r in softmax])]  # fmt: skip
+          f"{r['GBps']['fused bwd'] / r['GBps']['copy']:.0%}"] for r in softmax],
+    )]  # fmt: skip
+    lines += ["", _marker("end", "softmax"), _marker("start", "attention")]
     for step, title in (("fwd", "forward"), ("fwd+bwd", "forward+backward")):
-        sections += [f"**Attention core** softmax(mask(q k^T / 8)) v, head dim {HEAD_DIM}, "
-                     f"{title}, median ms", markdown_table(
-            ["device", "dtype", "T", "B*H", "plain", "fused", "sdpa", "plain / fused",
-             "sdpa / fused"],
-            [[_where(r), r["dtype"], r["T"], r["BH"], *(f"{r['ms'][f'{p} {step}']:.1f}"
-              for p in ("plain", "fused", "sdpa")),
-              f"{r['ms'][f'plain {step}'] / r['ms'][f'fused {step}']:.2f}x",
-              f"{r['ms'][f'sdpa {step}'] / r['ms'][f'fused {step}']:.2f}x"] for r in attention])]  # fmt: skip
+        lines += ["", f"**Attention core** softmax(mask(q k^T / 8)) v, head dim {HEAD_DIM}, "
+                  f"{title}, median ms", ""]  # fmt: skip
+        lines += [markdown_table(
+            ["device", "dtype", "T", "B*H", *PATHS, "plain / flash", "sdpa / flash"],
+            [[_where(r), r["dtype"], r["T"], r["BH"], *(_ms(r, f"{p} {step}") for p in PATHS),
+              _ratio(r, f"plain {step}", f"flash {step}"), _ratio(r, f"sdpa {step}", f"flash {step}")]
+             for r in attention],
+        )]  # fmt: skip
+    lines += ["", _marker("end", "attention"), _marker("start", "memory")]
     groups = {}
     for m in report["memory"]:
         key = (m["part"], m["device"], m["dtype"], m["T"])
         groups.setdefault(key, {})[m["path"]] = m["bytes"] / 2**20
     n = threads[0]
-    sections += [f"**Peak memory** of one forward+backward, MiB (the CPU at {n} "
-                 f"thread{'s' if n != 1 else ''})", markdown_table(
-        ["part", "device", "dtype", "T", "plain", "fused", "sdpa"],
-        [[*key, *(f"{paths[p]:.0f}" if p in paths else "-" for p in ("plain", "fused", "sdpa"))]
-         for key, paths in groups.items()])]  # fmt: skip
-    sections += ["**Page faults**: the same forward into fresh memory on every call vs memory "
-                 "reused", markdown_table(
+    lines += ["", f"**Peak memory** of one forward+backward, MiB (the CPU at {n} "
+              f"thread{'s' if n != 1 else ''}; B*H as in the timings, and {LONG_BH} at "
+              f"T = {LONG_T})", ""]  # fmt: skip
+    lines += [markdown_table(
+        ["part", "device", "dtype", "T", *PATHS],
+        [[*key, *(f"{paths[p]:,.0f}" if p in paths else "-" for p in PATHS)]
+         for key, paths in groups.items()],
+    )]  # fmt: skip
+    lines += ["", "**Page faults**: the same forward into fresh memory on every call vs memory "
+              "reused", ""]  # fmt: skip
+    lines += [markdown_table(
         ["path", "T", "threads", "fresh pages ms", "reused ms"],
         [[p["path"], p["T"], p["threads"], f"{p['fresh_ms']:.2f}", f"{p['reused_ms']:.2f}"]
-         for p in report["page_faults"]])]  # fmt: skip
-    sections += ["**Targets**", markdown_table(
+         for p in report["page_faults"]],
+    )]  # fmt: skip
+    lines += ["", _marker("end", "memory"), _marker("start", "targets")]
+    lines += ["", "**Targets**", ""]
+    lines += [markdown_table(
         ["target", "measured", "goal", "met"],
         [[t["target"], f"{t['value']:.2f}", t["goal"], "yes" if t["met"] else "no"]
-         for t in report["targets"]])]  # fmt: skip
-    return "\n\n".join(sections) + "\n"
-
-
-def redraw(json_path: Path, out: Path) -> None:
-    """The tables and the plot of a finished run, from its JSON alone."""
-    try:
-        report = json.loads(json_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read a benchmark run from {json_path}: {err}") from None
-    threads = list(dict.fromkeys(r["threads"] for r in report["rows"] if r["device"] == "cpu"))
-    report["targets"] = targets(report)
-    write_atomically(out.with_suffix(".md"), to_markdown(report, threads))
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.png')} from {json_path}")
+         for t in report["targets"]],
+    )]  # fmt: skip
+    lines += ["", _marker("end", "targets")]
+    return "\n".join(lines) + "\n"
 
 
 def plot(report: dict, path: Path) -> None:
@@ -479,15 +583,15 @@ def plot(report: dict, path: Path) -> None:
     where = report["gpu"] if cuda else f"CPU {threads} thread{'s' if threads != 1 else ''}"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     styles = {"float32": "-", "bfloat16": "--"}
-    colors = {"plain": "tab:red", "fused": "tab:blue", "sdpa": "tab:green"}
+    colors = {"plain": "tab:red", "fused": "tab:blue", "flash": "tab:purple", "sdpa": "tab:green"}
     for ax, part, paths in (
         (axes[0], "softmax", ("plain", "fused")),
-        (axes[1], "attention", ("plain", "fused", "sdpa")),
+        (axes[1], "attention", PATHS),
     ):
         rows = [r for r in report["rows"] if r["part"] == part and r["device"] == device
-                and r["threads"] == threads]  # fmt: skip
+                and r["threads"] == threads and r.get("isa") in (None, report["cpu_capability"])]  # fmt: skip
         for dtype, style in styles.items():
-            for p in paths:
+            for p in [p for p in paths if all(f"{p} fwd+bwd" in r["ms"] for r in rows)]:
                 ax.plot(
                     [r["T"] for r in rows if r["dtype"] == dtype],
                     [r["ms"][f"{p} fwd+bwd"] for r in rows if r["dtype"] == dtype],

@@ -15,7 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Polygon, Rectangle  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src.cli import Parser  # noqa: E402
@@ -414,6 +414,85 @@ DIAGRAMS: dict[str, tuple[dict[str, Box], list[Edge]]] = {
 }
 
 
+# One visit of flash_attention.cpp's forward_tile: a query tile meets a key tile. Tile sizes are
+# the kernel's BQ = 64 and BK = 128; D is the head dim (padded to whole vectors when packed).
+DIAGRAMS["flash-visit"] = (
+    {
+        "q": Box("query tile Q\n(64, D), packed once", "data", 0, 0),
+        "k": Box("key tile K^T\n(D, 128), packed", "data", 0, 1),
+        "v": Box("value tile V\n(128, D), packed", "data", 2.3, 2.3),
+        "s": Box("S = Q K^T: (64, 128)\nin cache, never in memory", "op", 1, 0.5, 3.2),
+        "mask": Box("diagonal tile only:\nskip c > r + (q0 - k0)", "note", 1, 1.62, 2.6),
+        "soft": Box(
+            "online softmax, per row: m' = max(m, scale max S),\n"
+            "P = exp(scale S - m'), l' = l e^(m - m') + sum P",
+            "op",
+            2.3,
+            0.75,
+            5.2,
+        ),
+        "o": Box("O = O e^(m - m') + P V\n(64, D), in cache", "op", 3.4, 1, 3.2),
+        "out": Box(
+            "after the last key tile: out = O / l,\nlse = m + log l (saved for the backward)",
+            "data",
+            4.6,
+            1,
+            4.6,
+        ),
+    },
+    [("q", "s"), ("k", "s"), ("s", "soft"), ("soft", "o", "P (64, 128)"), ("v", "o")]
+    + [("o", "out", "next key tile: back to S")],
+)
+
+TILES = 6  # query tiles and key tiles of the drawing (the kernel's are 64 queries and 128 keys)
+
+
+def draw_flash_tiles(path: Path) -> None:
+    """The (T, T) scores cut into tiles: which ones flash attention computes, which it skips."""
+    fig, ax = plt.subplots(figsize=(7.2, 5.6))
+    ax.set_xlim(-0.2, TILES + 3.4)
+    ax.set_ylim(TILES + 1.4, -0.9)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    for qi in range(TILES):
+        for kj in range(TILES):
+            face = COLORS["param"] if kj < qi else "white"
+            ax.add_patch(Rectangle((kj, qi), 1, 1, facecolor=face, edgecolor="#455a64", lw=1.0))
+            if kj == qi:  # the diagonal tile: keys up to each query's own
+                ax.add_patch(Polygon([(kj, qi), (kj, qi + 1), (kj + 1, qi + 1)], closed=True,
+                                     facecolor=COLORS["op"], edgecolor="none"))  # fmt: skip
+                ax.add_patch(Rectangle((kj, qi), 1, 1, fill=False, edgecolor="#455a64", lw=1.0))
+            if kj > qi:
+                ax.text(kj + 0.5, qi + 0.5, "skipped", ha="center", va="center", fontsize=7,
+                        color="#90a4ae", family="monospace")  # fmt: skip
+    row = 3  # one query tile's visits, in order
+    for kj in range(row + 1):
+        ax.text(kj + 0.5, row + 0.5, f"visit {kj + 1}", ha="center", va="center", fontsize=7.5,
+                family="monospace", weight="bold")  # fmt: skip
+    ax.add_patch(FancyArrowPatch((0.1, TILES + 0.3), (row + 0.9, TILES + 0.3), arrowstyle="-|>",
+                                 mutation_scale=10, color="#455a64"))  # fmt: skip
+    ax.text(0.1, TILES + 0.55, "query tile 4 visits key tiles 1..4 in order, keeping a running\n"
+            "maximum m and sum l per row", fontsize=7.5, family="monospace", va="top")  # fmt: skip
+    ax.text(TILES / 2, -0.45, "key tiles (columns of the scores) ->", ha="center", fontsize=8,
+            family="monospace")  # fmt: skip
+    ax.text(-0.1, TILES / 2, "query tiles", rotation=90, ha="right", va="center", fontsize=8,
+            family="monospace")  # fmt: skip
+    legend = [(COLORS["param"], "computed in full: S, P and P V"),
+              (COLORS["op"], "diagonal tile: visible part only"),
+              ("white", "after the diagonal: never visited")]  # fmt: skip
+    for n, (face, text) in enumerate(legend):
+        ax.add_patch(Rectangle((TILES + 0.3, 0.2 + 0.8 * n), 0.5, 0.5, facecolor=face,
+                               edgecolor="#455a64", lw=1.0))  # fmt: skip
+        ax.text(TILES + 0.95, 0.45 + 0.8 * n, text, va="center", fontsize=7.5, family="monospace",
+                wrap=True)  # fmt: skip
+    ax.text(TILES + 0.3, 3.0, "no (T, T) tensor: each tile\nexists in cache for one visit",
+            fontsize=7.5, family="monospace", va="top")  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plt.rcParams["svg.hashsalt"] = "gpt-from-scratch"
+    fig.savefig(path, format="svg", bbox_inches="tight", metadata={"Date": None})
+    plt.close(fig)
+
+
 def main() -> None:
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT, help="output folder")
@@ -422,6 +501,8 @@ def main() -> None:
         path = args.out / f"{name}.svg"
         draw(boxes, edges, path)
         print(f"wrote {path}")
+    draw_flash_tiles(args.out / "flash-tiles.svg")
+    print(f"wrote {args.out / 'flash-tiles.svg'}")
 
 
 if __name__ == "__main__":

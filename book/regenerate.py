@@ -10,12 +10,14 @@ starts again at that step, since every earlier step has already written its file
     uv run python book/regenerate.py --skip verdict   # all but the chapter-5 run
 
 A step that needs something this machine lacks (the reference data for the chapter-5 run and the
-GPT-2 comparison, an H100 for the GPU benchmark) is skipped, and the script says why. Every output is
+GPT-2 comparison, an H100 for the GPU benchmark) is skipped, and the script says why; the training
+benchmark compares with nanoGPT when ``$NANOGPT`` names its ``model.py``. Every output is
 written into ``docs/assets/``; ``git diff`` then shows what changed.
 """
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -62,6 +64,13 @@ def verdict_command() -> list[str]:
     ]  # fmt: skip
 
 
+def needs_nvcc() -> str | None:
+    """The ptxas report compiles the CUDA kernels; running them is not needed."""
+    if torch.version.cuda is None or shutil.which("nvcc") is None:
+        return "needs nvcc and a CUDA build of torch (no GPU)"
+    return None
+
+
 @dataclass(frozen=True)
 class Step:
     name: str
@@ -76,13 +85,17 @@ STEPS = [
     Step("break-it", lambda: [["-m", "experiments"]], "break-it/*.md", 30),
     Step("tokenizer", lambda: [["benchmarks/tokenizer.py", "--repeats", "7"]],
          "tokenizer-benchmark.{json,md}", 3),
-    Step("attention", lambda: [["benchmarks/attention.py"]], "attention-benchmark.{json,md,png}", 7),
+    Step("attention", lambda: [["benchmarks/attention.py"]], "attention-benchmark.{json,md,png}", 12),
+    Step("attention-versions", lambda: [["benchmarks/attention_versions.py"]],
+         "attention-versions.{json,md}", 2),
     Step("attention-gpu",
          lambda: [["benchmarks/attention.py", "--threads", str(os.cpu_count()),
                    "--out", "docs/assets/attention-benchmark-h100"]],
          "attention-benchmark-h100.{json,md,png}", 2, needs_h100),
+    Step("ptxas", lambda: [["benchmarks/ptxas.py"]], "flash-ptxas.md", 8, needs_nvcc),
     Step("activations", lambda: [["experiments/activations.py"]], "gelu-vs-relu.md", 5),
-    Step("train-speed", lambda: [["benchmarks/train.py"]], "train-benchmark.{json,md}", 4),
+    Step("train-speed", lambda: [["benchmarks/train.py"]],
+         "train-{benchmark.json,benchmark.md,nanogpt.md}", 6),
     Step("generate-speed", lambda: [["benchmarks/generate.py"]], "generate-benchmark.{json,md}", 1),
     Step("default-run",
          lambda: [["-m", "src.train"], ["book/curves.py", "runs/default"]],

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
-from src import fused_softmax
+from src import flash_attention, fused_softmax
 from src.attention import KVCache, MultiHeadAttention, causal_mask, causal_softmax
 from src.cli import Parser
 from src.data import (
@@ -154,6 +154,39 @@ def attention() -> None:
 
 
 # --8<-- [end:attention]
+
+
+# --8<-- [start:flash]
+def flash() -> None:
+    """Flash attention beside the eager path: one call with grouped heads, then a whole model."""
+    flash_attention.ensure_available()  # build, or load from the cache, the library of csrc/
+    B, H, H_kv, T, D = 1, 4, 2, 200, 32  # four query heads share two key/value heads
+    q = torch.randn(B, H, T, D)
+    k, v = torch.randn(B, H_kv, T, D), torch.randn(B, H_kv, T, D)
+    out, lse = torch.ops.gpt_flash.causal_attention(q, k, v, D**-0.5)
+    kr, vr = (t.repeat_interleave(H // H_kv, dim=1) for t in (k, v))  # one k/v head per q head
+    eager = causal_softmax(q @ kr.transpose(-2, -1), D**-0.5, causal_mask(T)) @ vr
+    print(f"out {tuple(out.shape)} and lse {tuple(lse.shape)}: all the forward keeps")
+    print(f"max |flash - eager| = {(out - eager).abs().max().item():.1e}")
+    print(
+        f"numbers kept for the backward: {out.numel() + lse.numel():,} (the weights: {B * H * T * T:,})"
+    )
+    print(f"out is (B, T, H, D) in memory, so merging the heads is free: "
+          f"{out.transpose(1, 2).is_contiguous()}")  # fmt: skip
+
+    cfg = GPTConfig.from_preset("cpu-tiny")
+    models = {
+        i: GPTModel(GPTConfig.from_preset("cpu-tiny", attn_impl=i)) for i in ("eager", "flash")
+    }
+    models["flash"].load_state_dict(models["eager"].state_dict())
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.context_length))
+    with torch.no_grad():
+        logits = {impl: m(idx) for impl, m in models.items()}
+    print(f"\ncpu-tiny logits {tuple(logits['flash'].shape)}: "
+          f"max |flash - eager| = {(logits['flash'] - logits['eager']).abs().max().item():.1e}")  # fmt: skip
+
+
+# --8<-- [end:flash]
 
 
 # --8<-- [start:model]
@@ -501,6 +534,7 @@ CHAPTERS: dict[str, Callable[[], str]] = {
     "tokens": lambda: captured(tokens),
     "batches": lambda: captured(batches),
     "attention": lambda: captured(attention),
+    "flash-attention": lambda: captured(flash),
     "model": lambda: captured(model),
     "modern": lambda: captured(modern),
     "classification": in_a_temporary_folder(classification),

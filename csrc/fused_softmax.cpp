@@ -50,28 +50,33 @@ void forward_row(const acc_t* x, acc_t* y, int64_t i, int64_t T, acc_t scale) {
   const int64_t tail = n % W, body = n - tail;
   const Vec neg_inf(-std::numeric_limits<acc_t>::infinity()), zero(0);
   // Pass 1: the row maximum. scale > 0, so max(scale * x) = scale * max(x): the scale is folded
-  // into the subtraction below instead of costing a pass of its own.
-  Vec vmax = neg_inf;
-  for (int64_t j = 0; j < body; j += W) vmax = at::vec::maximum(vmax, Vec::loadu(x + j));
-  if (tail) vmax = at::vec::maximum(vmax, Vec::set(neg_inf, Vec::loadu(x + body, tail), tail));
-  const acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-  // Pass 2: e = exp(scale * (x - max)), stored in y, and their sum.
-  const Vec vscale(scale), vm(m);
+  // into the exponent below instead of costing a pass of its own. Four running maxima, not one:
+  // each maximum waits for the one before it, so a single chain would leave the loads idle.
+  Vec vmax[4] = {neg_inf, neg_inf, neg_inf, neg_inf};
+  int64_t j = 0;
+  for (; j + 4 * W <= body; j += 4 * W)
+    for (int u = 0; u < 4; ++u) vmax[u] = at::vec::maximum(vmax[u], Vec::loadu(x + j + u * W));
+  for (; j < body; j += W) vmax[0] = at::vec::maximum(vmax[0], Vec::loadu(x + j));
+  if (tail) vmax[1] = at::vec::maximum(vmax[1], Vec::set(neg_inf, Vec::loadu(x + body, tail), tail));
+  const Vec vmax_all = at::vec::maximum(at::vec::maximum(vmax[0], vmax[1]), at::vec::maximum(vmax[2], vmax[3]));
+  const acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax_all);
+  // Pass 2: e = exp(scale * x - scale * max), one multiply-add and an exp, stored in y; their sum.
+  const Vec vscale(scale), shift(-scale * m);
   auto exp = [](Vec z) {
     if constexpr (std::is_same_v<acc_t, double>) return z.exp(); else return z.exp_u20();
   };
-  Vec vsum = zero;
-  for (int64_t j = 0; j < body; j += W) {
-    const Vec e = exp((Vec::loadu(x + j) - vm) * vscale);
+  Vec vsum[2] = {zero, zero};
+  for (j = 0; j < body; j += W) {
+    const Vec e = exp(at::vec::fmadd(Vec::loadu(x + j), vscale, shift));
     e.store(y + j);
-    vsum = vsum + e;
+    vsum[(j / W) % 2] = vsum[(j / W) % 2] + e;
   }
   if (tail) {
-    const Vec e = Vec::set(zero, exp((Vec::loadu(x + body, tail) - vm) * vscale), tail);
+    const Vec e = Vec::set(zero, exp(at::vec::fmadd(Vec::loadu(x + body, tail), vscale, shift)), tail);
     e.store(y + body, tail);
-    vsum = vsum + e;
+    vsum[0] = vsum[0] + e;
   }
-  const acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  const acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vsum[0] + vsum[1]);
   // Pass 3: normalise the prefix; the future gets exactly zero.
   const Vec inv(acc_t(1) / sum);
   at::vec::map([inv](Vec v) { return v * inv; }, y, y, n);

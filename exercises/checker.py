@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-CHAPTERS = ("tokens", "batches", "attention", "fused-softmax", "model", "pretraining", "compute",
-            "generating", "gpt2-weights", "modern", "classification", "instructions", "lora",
-            "scaling-out", "small-and-fast")  # fmt: skip
+CHAPTERS = ("tokens", "batches", "attention", "fused-softmax", "flash-attention", "model",
+            "pretraining", "compute", "generating", "gpt2-weights", "modern", "classification",
+            "instructions", "lora", "scaling-out", "small-and-fast")  # fmt: skip
 
 
 # --8<-- [start:exercise]

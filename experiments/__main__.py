@@ -21,9 +21,9 @@ from src.files import write_atomically
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "assets" / "break-it"
 # The chapters in the book's order: docs/<chapter>.md, experiments/<chapter with _>.py.
-CHAPTERS = ["tokens", "batches", "attention", "fused-softmax", "model", "pretraining", "compute",
-            "generating", "gpt2-weights", "modern", "classification", "instructions", "lora",
-            "scaling-out", "small-and-fast"]  # fmt: skip
+CHAPTERS = ["tokens", "batches", "attention", "fused-softmax", "flash-attention", "model",
+            "pretraining", "compute", "generating", "gpt2-weights", "modern", "classification",
+            "instructions", "lora", "scaling-out", "small-and-fast"]  # fmt: skip
 
 
 def all_experiments() -> dict[str, tuple[str, object]]:

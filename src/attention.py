@@ -10,13 +10,16 @@ average of the *values* of the earlier positions, with weights that it computes 
 Multi-head attention runs ``n_heads`` such averages side by side on slices of the embedding, so that
 different heads can attend to different things, then mixes them with an output projection.
 
-The middle step, scale + causal mask + softmax, can be computed three ways, chosen by ``attn_impl``:
+The middle step, scale + causal mask + softmax, can be computed four ways, chosen by ``attn_impl``:
 
 - ``"eager"``: the plain PyTorch reference, written out step by step. It materialises the
   ``(B, H, T, T)`` score matrix several times, which makes it memory-bound.
 - ``"fused"``: our own kernel (``src/fused_softmax.py``), one pass per row over the causal prefix;
   if it cannot be built, a warning says why and the plain path runs instead.
 - ``"sdpa"``: PyTorch's ``scaled_dot_product_attention``, which picks a fused kernel when it can.
+- ``"flash"``: our own fused attention (``src/flash_attention.py``): the whole core in one kernel,
+  tiled, with no ``(T, T)`` tensor. It has no dropout: with attention dropout on, or if it cannot
+  be built, a warning says so once and SDPA runs instead.
 
 Before ``MultiHeadAttention``, the module builds it up in five steps, each adding one idea to the one
 before: dot products of the raw vectors, trainable projections, the causal mask, dropout on the
@@ -40,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src import fused_softmax
+from src import flash_attention, fused_softmax
 
-ATTN_IMPLS = ("eager", "fused", "sdpa")
+ATTN_IMPLS = ("eager", "fused", "sdpa", "flash")
 
 
 # --8<-- [start:dot_product]
@@ -239,12 +242,14 @@ class MultiHeadAttention(nn.Module):
 
         q is (B, H, T, hd); k and v are (B, KV, T, hd), each key/value head shared by the
         ``H / KV`` query heads of its group."""
-        if self.attn_impl == "sdpa":
-            drop = self.drop_rate if self.training else 0.0
+        drop = self.drop_rate if self.training else 0.0
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if self.attn_impl == "flash" and flash_attention.runs(drop):
+            return flash_attention.flash_causal_attention(q, k, v, scale)  # (B, H, T, hd)
+        if self.attn_impl in ("sdpa", "flash"):  # flash: with dropout or no kernel, warned once
             return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True,
                                                   enable_gqa=self.n_kv_heads != self.n_heads)  # fmt: skip
         T = q.shape[-2]
-        scale = 1.0 / math.sqrt(self.head_dim)
         scores = grouped_scores(q, k)  # (B, H, T, T)
         if self.attn_impl == "fused" and fused_softmax.is_available():
             weights = fused_softmax.fused_causal_softmax(scores, scale)  # (B, H, T, T)

@@ -158,7 +158,7 @@ def _build(cuda: bool) -> None:
     """Compile (or load from the cache) the library and register its ops with PyTorch."""
     cpp_extension = _cpp_extension()
     capability, cflags, ldflags = build_flags(sys.platform, torch.backends.cpu.get_cpu_capability())
-    sources = [CSRC / "fused_softmax.cpp"]
+    sources = sorted(CSRC.glob("*.cpp"))  # the fused softmax, flash attention, the versions lab
     cuda_archs = None
     if cuda:
         # A .cu source makes load() need nvcc and a CUDA_HOME; a CPU-only torch has neither.
@@ -169,7 +169,7 @@ def _build(cuda: bool) -> None:
             )
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = cuda_home
         cuda_archs = os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_archs()
-        sources.append(CSRC / "fused_softmax_cuda.cu")
+        sources += sorted(CSRC.glob("*.cu"))
     build_dir = _build_dir(capability, cuda_archs)
     _clear_stale_lock(build_dir)
     library = build_dir / ("gpt_fused_softmax" + (".pyd" if sys.platform == "win32" else ".so"))

@@ -24,6 +24,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from src.attention import ATTN_IMPLS, KVCache, MultiHeadAttention, RMSNorm
@@ -44,7 +45,7 @@ class GPTConfig:
     n_layers: int = 12  # transformer blocks
     drop_rate: float = 0.1  # dropout on embeddings, attention weights and residual branches
     qkv_bias: bool = False  # biases on the query/key/value projections (GPT-2 has them)
-    attn_impl: str = "eager"  # "eager" | "fused" | "sdpa" (see src/attention.py)
+    attn_impl: str = "eager"  # "eager" | "fused" | "sdpa" | "flash" (see src/attention.py)
     tie_weights: bool = False  # share the token embedding with the output head (GPT-2 does)
     # The modern switches (see the chapter "From GPT-2 to a modern LLM"); defaults are GPT-2's.
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
@@ -57,6 +58,9 @@ class GPTConfig:
     head_dim: int | None = None  # None: emb_dim // n_heads (Qwen3 uses a wider one)
     qk_norm: bool = False  # RMS-normalise each head's query and key (Qwen3)
     bias: bool = True  # biases on the attention output and the feed-forward layers (GPT-2 has them)
+    # LayerNorm and GELU as one PyTorch kernel each (F.layer_norm, F.gelu): the same functions as
+    # the written-out layers below, computed in one pass instead of one per operation.
+    fused_layers: bool = False
 
     def __post_init__(self):
         """A shape that cannot be built is refused here, the one place that knows the fields."""
@@ -172,13 +176,16 @@ PRESETS |= {
 class LayerNorm(nn.Module):
     """Normalise each vector to zero mean and unit variance, then scale and shift it (learned)."""
 
-    def __init__(self, emb_dim: int, eps: float = 1e-5):
+    def __init__(self, emb_dim: int, eps: float = 1e-5, fused: bool = False):
         super().__init__()
         self.eps = eps  # keeps the division finite when a vector is constant
+        self.fused = fused  # one PyTorch kernel for the same function
         self.scale = nn.Parameter(torch.ones(emb_dim))
         self.shift = nn.Parameter(torch.zeros(emb_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
         mean = x.mean(dim=-1, keepdim=True)
         var = x.var(dim=-1, keepdim=True, unbiased=False)  # biased, as GPT-2 and nn.LayerNorm
         return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
@@ -192,7 +199,7 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
     """The normalisation the config names, over ``emb_dim`` (RMSNorm is in ``src/attention.py``)."""
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.emb_dim, cfg.norm_eps)
-    return LayerNorm(cfg.emb_dim, cfg.norm_eps)
+    return LayerNorm(cfg.emb_dim, cfg.norm_eps, fused=cfg.fused_layers)
 
 
 # --8<-- [end:make_norm]
@@ -202,7 +209,13 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
 class GELU(nn.Module):
     """GELU, x * Phi(x), with the tanh approximation that GPT-2 was trained with."""
 
+    def __init__(self, fused: bool = False):
+        super().__init__()
+        self.fused = fused  # one PyTorch kernel for the same approximation
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return F.gelu(x, approximate="tanh")
         return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
@@ -216,7 +229,7 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.fc = nn.Linear(cfg.emb_dim, cfg.ff_width, bias=cfg.bias)  # widen
-        self.gelu = GELU()
+        self.gelu = GELU(fused=cfg.fused_layers)
         self.proj = nn.Linear(
             cfg.ff_width, cfg.emb_dim, bias=cfg.bias
         )  # back to the residual stream

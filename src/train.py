@@ -193,6 +193,8 @@ def build_parser() -> Parser:
     )
     a("--fused-attention", action="store_true",
       help="our fused softmax kernel (--attn-impl fused), failing if it cannot be built")  # fmt: skip
+    a("--flash-attention", action="store_true",
+      help="our flash attention kernel (--attn-impl flash), failing if it cannot be built")  # fmt: skip
     return p
 
 
@@ -202,7 +204,8 @@ def build_parser() -> Parser:
 def check_args(args) -> None:
     """Flags that contradict each other or the preset, refused before anything is loaded."""
     pairs = [("max_steps", "epochs"), ("resume", "overwrite"), ("tokenizer", "vocab_size"),
-             ("fused_attention", "attn_impl")]  # fmt: skip
+             ("fused_attention", "attn_impl"), ("flash_attention", "attn_impl"),
+             ("fused_attention", "flash_attention")]  # fmt: skip
     for a, b in pairs:
         if getattr(args, a) not in (None, False) and getattr(args, b) not in (None, False):
             flags = (f"--{n.replace('_', '-')}" for n in (a, b))
@@ -389,6 +392,9 @@ def prepare_run(args, device, rank: int, world_size: int, folder: RunFolder | No
     if args.fused_attention:
         args.attn_impl = "fused"
         ensure_fused_available()
+    if args.flash_attention:
+        args.attn_impl = "flash"
+        ensure_flash_available()
     amp = autocast(device, args.dtype)
     if rank == 0:
         print(f"loading data and tokenizer (cache: {cache_dir()}) ...", file=sys.stderr)
@@ -637,6 +643,16 @@ def ensure_fused_available() -> None:
         fused_softmax.ensure_available()
     except RuntimeError as err:
         raise UserError(f"--fused-attention: {err}") from None
+
+
+def ensure_flash_available() -> None:
+    """``--flash-attention`` is strict too: no silent fallback to SDPA."""
+    from src import flash_attention
+
+    try:
+        flash_attention.ensure_available()
+    except RuntimeError as err:
+        raise UserError(f"--flash-attention: {err}") from None
 
 
 def _main(args) -> int:

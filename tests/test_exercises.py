@@ -13,7 +13,7 @@ WRITTEN = [
 ]
 REQUIRED = {"tokens": {"merge"}, "attention": {"causal_attention"}, "model": {"layer_norm", "gelu"},
             "pretraining": {"cross_entropy"}, "generating": {"top_p_filter"},
-            "fused-softmax": {"online_softmax"}}  # fmt: skip
+            "fused-softmax": {"online_softmax"}, "flash-attention": {"flash_forward"}}  # fmt: skip
 
 
 def run(capsys, *argv: str) -> tuple[int, str]:

@@ -290,8 +290,9 @@ CUDA_BUILD = textwrap.dedent("""
     import torch
     from src import fused_softmax
     fused_softmax._build(cuda=True)
-    for op in ("causal_softmax", "causal_softmax_backward"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gpt_fused::{op}", "CUDA"), op
+    for op in ("gpt_fused::causal_softmax", "gpt_fused::causal_softmax_backward",
+               "gpt_flash::causal_attention", "gpt_flash::causal_attention_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
     print("cuda kernels registered")
 """)
 

@@ -12,7 +12,7 @@ from conftest import REPO
 ORDER = [
     "errors", "files",  # what every part shares: the user's mistakes, file chores
     "tokenizer", "data",  # text -> token ids -> batches
-    "fused_softmax", "attention", "model", "flops",  # the kernel, attention, the GPT, its cost
+    "fused_softmax", "flash_attention", "attention", "model", "flops",  # kernels, the GPT, its cost
     "training", "checkpoints",  # how a model takes a step; its state on disk
     "gpt2", "llama", "lora",  # published weights (GPT-2; Llama, Qwen); low-rank adapters
     "quantize",  # int8 / int4 weights

@@ -73,7 +73,7 @@ def ours_for(ref, **overrides) -> GPTModel:
     return load_llama_state_dict(model, ref.state_dict())
 
 
-@pytest.mark.parametrize("attn_impl", ["eager", "fused", "sdpa"])
+@pytest.mark.parametrize("attn_impl", ["eager", "fused", "sdpa", "flash"])
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
 def test_logits_match_transformers(name, attn_impl):
     ref = hf_model(name)

@@ -40,6 +40,23 @@ def test_layernorm_and_gelu_match_torch():
     torch.testing.assert_close(GELU()(x), torch.nn.functional.gelu(x, approximate="tanh"))
 
 
+def test_fused_layers_are_the_written_out_layers():
+    # F.layer_norm and F.gelu(approximate="tanh") in place of the written-out formulas: the same
+    # function, so the same logits and gradients, in float64 to the last digits.
+    cfg = GPTConfig.from_preset("cpu-tiny")
+    written = GPTModel(cfg).double()
+    fused = GPTModel(GPTConfig.from_preset("cpu-tiny", fused_layers=True)).double()
+    fused.load_state_dict(written.state_dict())
+    assert fused.trf_blocks[0].norm1.fused and fused.trf_blocks[0].ff.gelu.fused
+    idx = torch.randint(0, cfg.vocab_size, (2, 20))
+    logits = [model(idx) for model in (written, fused)]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-10, atol=1e-10)
+    for out in logits:
+        out.square().mean().backward()
+    for (name, p_w), p_f in zip(written.named_parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(p_f.grad, p_w.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_forward_shape_and_context_guard():
     cfg = PRESETS["cpu-tiny"]
     model = GPTModel(cfg)
@@ -209,7 +226,7 @@ def test_swiglu_is_silu_gate_times_up_then_down():
     assert GPTConfig(emb_dim=256, n_heads=4, ff="swiglu").ff_width == 704  # 8/3 x 256, up to 64
 
 
-@pytest.mark.parametrize("attn_impl", ["eager", "fused", "sdpa"])
+@pytest.mark.parametrize("attn_impl", ["eager", "fused", "sdpa", "flash"])
 @pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
 def test_grouped_heads_equal_attention_over_repeated_key_value_heads(attn_impl, n_kv_heads):
     """The reference repeats each key/value head for its group and runs PyTorch's attention."""

@@ -1,0 +1,527 @@
+// Flash attention on the CPU: the whole causal attention core, softmax(mask(q k^T * scale)) v, in
+// one kernel that never writes the (T, T) scores to memory and never computes the masked half.
+//
+// Forward (FlashAttention, Dao et al. 2022, with FlashAttention-2's loop order): the queries are cut
+// into tiles of BQ rows and the keys into tiles of BK. A query tile visits the key tiles from the
+// first to the one on its diagonal, never beyond. Each visit computes a (BQ, BK) tile of scores in a
+// buffer that stays in cache, folds it into a running row maximum m and sum l (the online softmax of
+// Milakov & Gimelshein), rescales the output rows already accumulated, and adds the tile's
+// probabilities times the values. Only the output and the log-sum-exp per row, m + log l, are kept.
+//
+// Backward (FlashAttention-2): a task owns a range of key tiles and, for each, visits the query
+// tiles at or after it, recomputing the probabilities from the saved log-sum-exp; it accumulates the
+// key and value gradients of its tiles in cache and the query gradient in a buffer of its own.
+//
+// The matrix products of a tile are a register-blocked micro-kernel on at::vec::Vectorized
+// (MR rows by MNC vectors of accumulators), on operands packed into float32 with the head
+// dimension padded to a whole number of vectors. bfloat16 and float16 are widened when packed, so
+// every sum is a float32 sum; float64 runs the same tiles with the scalar loops of
+// attention_common.h, for gradcheck. Grouped key/value heads: query head h reads key/value head
+// h / (H / H_kv), and the backward sums the gradients of the query heads that share one.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "attention_checks.h"
+#include "attention_common.h"
+
+namespace {
+
+using namespace gpt_attention;
+
+constexpr int64_t BQ = 64;  // query rows per tile
+constexpr int64_t BK = 128;  // key columns per tile
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int MR = 6, MNC = 4;  // 24 accumulators and 4 loaded vectors of the 32 zmm registers
+#else
+constexpr int MR = 6, MNC = 2;  // 12 accumulators, 2 loaded vectors and a broadcast of 16 ymm
+#endif
+
+// --8<-- [start:micro_kernel]
+// C (+)= A B for one tile, where A[r][k] = a[r * a_rs + k * a_ks] (so A can be read transposed),
+// B[k][c] = b[k * ldb + c] and C[r][c] = c[r * ldc + c].
+template <typename acc_t>
+struct Operands {
+  const acc_t* a;
+  int64_t a_rs, a_ks;
+  const acc_t* b;
+  int64_t ldb;
+  acc_t* c;
+  int64_t ldc;
+  bool accumulate;
+};
+
+// R rows by NC vectors of C, over the terms k0..k1-1: R * NC accumulators stay in registers while
+// each step loads NC vectors of B and broadcasts R values of A, R * NC multiply-adds per step.
+template <int R, int NC>
+void mm_block(const Operands<float>& o, int64_t r0, int64_t c0, int64_t k0, int64_t k1) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  Vec acc[R][NC];
+  float* c = o.c + r0 * o.ldc + c0;
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NC; ++n) acc[r][n] = o.accumulate ? Vec::loadu(c + r * o.ldc + n * W) : Vec(0.f);
+  const float* a = o.a + r0 * o.a_rs;
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* b = o.b + k * o.ldb + c0;
+    Vec bv[NC];
+    for (int n = 0; n < NC; ++n) bv[n] = Vec::loadu(b + n * W);
+    for (int r = 0; r < R; ++r) {
+      const Vec ar(a[r * o.a_rs + k * o.a_ks]);
+      for (int n = 0; n < NC; ++n) acc[r][n] = at::vec::fmadd(ar, bv[n], acc[r][n]);  // C[r][c] += A[r][k] B[k][c]
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NC; ++n) acc[r][n].store(c + r * o.ldc + n * W);
+}
+// --8<-- [end:micro_kernel]
+
+// --8<-- [start:dispatch]
+// The vectors left over after the blocks of MNC: one block of exactly that many.
+template <int R, int NC>
+void mm_rest(const Operands<float>& o, int64_t r0, int64_t c0, int64_t nvec, int64_t k0, int64_t k1) {
+  if constexpr (NC > 0) {
+    if (nvec == NC) mm_block<R, NC>(o, r0, c0, k0, k1);
+    else mm_rest<R, NC - 1>(o, r0, c0, nvec, k0, k1);
+  }
+}
+
+template <int R>
+void mm_row_block(const Operands<float>& o, int64_t r0, int64_t ncols, int64_t k0, int64_t k1) {
+  constexpr int64_t W = at::vec::Vectorized<float>::size();
+  int64_t c0 = 0;
+  for (; c0 + MNC * W <= ncols; c0 += MNC * W) mm_block<R, MNC>(o, r0, c0, k0, k1);
+  if (c0 < ncols) mm_rest<R, MNC - 1>(o, r0, c0, (ncols - c0) / W, k0, k1);
+}
+
+template <int R = MR>
+void mm_rows(int64_t rr, const Operands<float>& o, int64_t r0, int64_t ncols, int64_t k0, int64_t k1) {
+  if constexpr (R > 0) {
+    if (rr == R) mm_row_block<R>(o, r0, ncols, k0, k1);
+    else mm_rows<R - 1>(rr, o, r0, ncols, k0, k1);
+  }
+}
+
+// --8<-- [end:dispatch]
+
+// Which part of a tile on the diagonal is needed, for a query at row q0 + r and a key at k0 + c
+// (visible when c <= r + diag, diag = q0 - k0): the products of scores need only the visible
+// columns; a product that sums over keys needs only the visible terms, and one that sums over
+// queries (for the key gradients) only the queries at or after the key.
+enum class Causal { none, cols, k_end, k_begin };
+
+// --8<-- [start:tile_mm]
+// C[rows, ncols] (+)= A[rows, K] B[K, ncols] for one tile, ncols a multiple of the vector width.
+// Outside the causal limit, C is left unwritten (cols) or the terms skipped are zeros (k_*).
+template <typename acc_t>
+void tile_mm(const Operands<acc_t>& o, int64_t rows, int64_t ncols, int64_t K, Causal causal, int64_t diag) {
+  constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
+  constexpr int64_t R = std::is_same_v<acc_t, double> ? 1 : MR;  // float64: one row at a time
+  for (int64_t r0 = 0; r0 < rows; r0 += R) {
+    const int64_t rr = std::min(R, rows - r0), last = r0 + rr - 1;
+    int64_t n = ncols, k0 = 0, k1 = K;
+    if (causal == Causal::cols) n = std::min(ncols, round_up(last + diag + 1, W));
+    if (causal == Causal::k_end) k1 = std::min(K, last + diag + 1);
+    if (causal == Causal::k_begin) k0 = std::max<int64_t>(0, r0 - diag);
+    if (n <= 0 || (o.accumulate && k1 <= k0)) continue;
+    if constexpr (std::is_same_v<acc_t, double>) {
+      acc_t* c = o.c + r0 * o.ldc;  // the scalar reference loops: C row += A[r][k] * B row k
+      if (!o.accumulate) std::fill(c, c + n, acc_t(0));
+      for (int64_t k = k0; k < k1; ++k) axpy_scalar(o.a[r0 * o.a_rs + k * o.a_ks], o.b + k * o.ldb, c, n);
+    } else {
+      mm_rows(rr, o, r0, n, k0, k1);
+    }
+  }
+}
+// --8<-- [end:tile_mm]
+
+// The sizes every loop needs, computed once.
+struct Shape {
+  int64_t B, H, Hkv, T, D, Dp, nq, nk, Tk;
+  int64_t rep() const { return H / Hkv; }  // query heads per key/value head
+};
+
+template <typename acc_t>
+Shape shape_of(const at::Tensor& q, const at::Tensor& k) {
+  const int64_t T = q.size(2), D = q.size(3);
+  const int64_t nq = (T + BQ - 1) / BQ, nk = (T + BK - 1) / BK;
+  return {q.size(0), q.size(1), k.size(1), T, D, round_up(D, at::vec::Vectorized<acc_t>::size()), nq, nk, nk * BK};
+}
+
+// --8<-- [start:pack]
+// Keys transposed, (Dp, Tk): column t is key t, so a product's B operand reads keys along a row.
+// Values (or keys) as rows, (Tk, Dp). Zeros pad the head dimension and the last tile.
+template <typename scalar_t, typename acc_t>
+void pack_transposed(const scalar_t* src, int64_t st, int64_t sd, const Shape& s, acc_t* dst) {
+  constexpr int64_t TB = 16;  // keys per block: 16 rows read, one cache line of each column written
+  for (int64_t t0 = 0; t0 < s.Tk; t0 += TB) {
+    const int64_t tn = std::clamp<int64_t>(s.T - t0, 0, TB);
+    for (int64_t c = 0; c < s.Dp; ++c) {
+      acc_t* out = dst + c * s.Tk + t0;
+      for (int64_t t = 0; t < tn; ++t) out[t] = c < s.D ? static_cast<acc_t>(src[(t0 + t) * st + c * sd]) : acc_t(0);
+      std::fill(out + tn, out + TB, acc_t(0));
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void pack_rows(const scalar_t* src, int64_t st, int64_t sd, const Shape& s, acc_t* dst) {
+  for (int64_t t = 0; t < s.T; ++t) load_row(src + t * st, sd, s.D, s.Dp, acc_t(1), dst + t * s.Dp);
+  std::fill(dst + s.T * s.Dp, dst + s.Tk * s.Dp, acc_t(0));
+}
+// --8<-- [end:pack]
+
+
+// --8<-- [start:online_softmax]
+// Folds the scores s_0..s_{n-1} that row r sees in one key tile (n >= 1) into its running maximum m
+// and sum l, and leaves the probabilities in their place (zeros from n to kn):
+//   m' = max(m, scale * max_j s_j),   p_j = exp(scale * s_j - m'),   l' = l * exp(m - m') + sum_j p_j
+// Returns exp(m - m'): the output accumulated from earlier tiles was weighted by exp(. - m) and must
+// be rescaled to exp(. - m') before this tile's p_j v_j are added to it.
+template <typename acc_t>
+acc_t online_softmax_row(acc_t* s, int64_t n, int64_t kn, acc_t scale, acc_t& m, acc_t& l) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const int64_t tail = n % W, body = n - tail;
+  Vec vmax(neg_inf<acc_t>);
+  for (int64_t j = 0; j < body; j += W) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
+  if (tail) vmax = at::vec::maximum(vmax, Vec::set(Vec(neg_inf<acc_t>), Vec::loadu(s + body, tail), tail));
+  const acc_t m_new = std::max(m, scale * reduce_max(vmax));  // scale > 0: max(scale s) = scale max(s)
+  const Vec vscale(scale), shift(-m_new);
+  Vec vsum(0);
+  for (int64_t j = 0; j < body; j += W) {
+    const Vec p = vexp(at::vec::fmadd(Vec::loadu(s + j), vscale, shift));  // exp(scale * s - m')
+    p.store(s + j);
+    vsum = vsum + p;
+  }
+  if (tail) {
+    const Vec p = Vec::set(Vec(0), vexp(at::vec::fmadd(Vec::loadu(s + body, tail), vscale, shift)), tail);
+    p.store(s + body, tail);
+    vsum = vsum + p;
+  }
+  std::fill(s + n, s + kn, acc_t(0));  // keys after the diagonal: probability 0
+  const acc_t alpha = m == neg_inf<acc_t> ? acc_t(0) : std::exp(m - m_new);
+  l = l * alpha + reduce_sum(vsum);
+  m = m_new;
+  return alpha;
+}
+// --8<-- [end:online_softmax]
+
+template <typename scalar_t, typename acc_t>
+struct ForwardArgs {
+  Shape s;
+  Strided<const scalar_t> q;
+  const acc_t* kt;  // (B * Hkv, Dp, Tk): keys transposed
+  const acc_t* v;   // (B * Hkv, Tk, Dp)
+  Strided<scalar_t> out;
+  acc_t* lse;  // (B, H, T)
+  acc_t scale;
+};
+
+// --8<-- [start:forward_tile]
+// One query tile (rows q0..q0+qn-1 of head h) against the key tiles up to its diagonal. The scores
+// S, the output O and the queries live in buffers of a few tens of KiB that stay in cache.
+template <typename scalar_t, typename acc_t>
+void forward_tile(const ForwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t h, int64_t qt, acc_t* Q, acc_t* S,
+                  acc_t* O, acc_t* m, acc_t* l) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Shape& s = a.s;
+  const int64_t g = h / s.rep(), q0 = qt * BQ, qn = std::min(BQ, s.T - q0), Dp = s.Dp;
+  for (int64_t r = 0; r < qn; ++r) load_row(a.q.row(b, h, q0 + r), a.q.sd, s.D, Dp, acc_t(1), Q + r * Dp);
+  std::fill(O, O + qn * Dp, acc_t(0));
+  std::fill(m, m + qn, neg_inf<acc_t>);
+  std::fill(l, l + qn, acc_t(0));
+  const acc_t* Kt = a.kt + (b * s.Hkv + g) * Dp * s.Tk;
+  const acc_t* V = a.v + (b * s.Hkv + g) * s.Tk * Dp;
+  for (int64_t kt = 0; kt * BK <= q0 + qn - 1; ++kt) {  // no tile after the diagonal
+    const int64_t k0 = kt * BK, kn = std::min(BK, s.T - k0), diag = q0 - k0;
+    const bool on_diag = kn - 1 > diag;  // some key of the tile comes after some query
+    // S = Q K^T: (qn, BK), unscaled; on the diagonal only the visible columns.
+    tile_mm<acc_t>({Q, Dp, 1, Kt + k0, s.Tk, S, BK, false}, qn, BK, Dp, on_diag ? Causal::cols : Causal::none, diag);
+    for (int64_t r = 0; r < qn; ++r) {
+      const int64_t n = std::min(kn, r + diag + 1);  // keys k0..k0+n-1 are visible to query q0+r
+      if (n <= 0) {
+        std::fill(S + r * BK, S + r * BK + kn, acc_t(0));
+        continue;
+      }
+      const acc_t alpha = online_softmax_row(S + r * BK, n, kn, a.scale, m[r], l[r]);
+      if (alpha != acc_t(1))  // O_r = O_r * exp(m - m')
+        at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, O + r * Dp, O + r * Dp, Dp);
+    }
+    // O += P V: (qn, Dp), a sum over the tile's keys, on the diagonal only up to each row's own.
+    tile_mm<acc_t>({S, BK, 1, V + k0 * Dp, Dp, O, Dp, true}, qn, Dp, kn, on_diag ? Causal::k_end : Causal::none, diag);
+  }
+  for (int64_t r = 0; r < qn; ++r) {  // out = O / l, lse = m + log l
+    store_row(O + r * Dp, s.D, acc_t(1) / l[r], a.out.row(b, h, q0 + r), a.out.sd);
+    a.lse[(b * s.H + h) * s.T + q0 + r] = m[r] + std::log(l[r]);
+  }
+}
+// --8<-- [end:forward_tile]
+
+template <typename scalar_t>
+Strided<const scalar_t> strided_in(const at::Tensor& t) {
+  return {t.const_data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+template <typename scalar_t>
+Strided<scalar_t> strided_out(at::Tensor& t) {
+  return {t.mutable_data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// Packs the keys transposed and the values of every key/value head, in parallel.
+template <typename scalar_t, typename acc_t>
+void pack_keys_values(const Shape& s, const at::Tensor& k, const at::Tensor& v, acc_t* kt, acc_t* kp, acc_t* vt,
+                      acc_t* vp) {
+  const Strided<const scalar_t> K = strided_in<scalar_t>(k), V = strided_in<scalar_t>(v);
+  const int64_t size = s.Dp * s.Tk;
+  at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / s.Hkv, g = i % s.Hkv;
+      if (kt) pack_transposed(K.row(b, g, 0), K.st, K.sd, s, kt + i * size);
+      if (kp) pack_rows(K.row(b, g, 0), K.st, K.sd, s, kp + i * size);
+      if (vt) pack_transposed(V.row(b, g, 0), V.st, V.sd, s, vt + i * size);
+      if (vp) pack_rows(V.row(b, g, 0), V.st, V.sd, s, vp + i * size);
+    }
+  });
+}
+
+template <typename acc_t>
+at::Tensor acc_buffer(const at::Tensor& like, at::IntArrayRef sizes) {
+  return at::empty(sizes, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// --8<-- [start:cpu_forward]
+template <typename scalar_t>
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, at::Tensor& out,
+             at::Tensor& lse) {
+  using acc_t = acc_type<scalar_t>;
+  const Shape s = shape_of<acc_t>(q, k);
+  at::Tensor kt = acc_buffer<acc_t>(q, {s.B * s.Hkv, s.Dp, s.Tk}), vp = acc_buffer<acc_t>(q, {s.B * s.Hkv, s.Tk, s.Dp});
+  pack_keys_values<scalar_t, acc_t>(s, k, v, kt.data_ptr<acc_t>(), nullptr, nullptr, vp.data_ptr<acc_t>());
+  const ForwardArgs<scalar_t, acc_t> args{s, strided_in<scalar_t>(q), kt.data_ptr<acc_t>(), vp.data_ptr<acc_t>(),
+                                          strided_out<scalar_t>(out), lse.data_ptr<acc_t>(), acc_t(scale)};
+  // One task per (head, query tile). Tile i costs i + 1 key tiles, so each head's tiles are taken
+  // in the order 0, nq-1, 1, nq-2, ...: any contiguous run of tasks, which is what a thread gets,
+  // holds cheap and dear tiles alike.
+  at::parallel_for(0, s.B * s.H * s.nq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> Q(BQ * s.Dp), S(BQ * BK), O(BQ * s.Dp), m(BQ), l(BQ);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / s.nq, j = t % s.nq, qt = j % 2 == 0 ? j / 2 : s.nq - 1 - j / 2;
+      forward_tile(args, bh / s.H, bh % s.H, qt, Q.data(), S.data(), O.data(), m.data(), l.data());
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        double scale) {
+  check_inputs(q, k, v, scale);
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  // The output is (B, T, H, D) in memory, seen as (B, H, T, D): merging the heads afterwards is free.
+  at::Tensor out = at::empty({B, T, H, D}, q.options()).transpose(1, 2);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor lse = at::empty({B, H, T}, q.options().dtype(acc));
+  if (q.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "causal_attention_cpu",
+                                  [&] { forward<scalar_t>(q, k, v, scale, out, lse); });
+  return {out, lse};
+}
+// --8<-- [end:cpu_forward]
+
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  Shape s;
+  const acc_t *qp, *dop, *dd, *lse;  // per query head: (T, Dp), (T, Dp), (T), (T)
+  const acc_t *kp, *kt, *vt;         // per key/value head: (Tk, Dp), (Dp, Tk), (Dp, Tk)
+  Strided<scalar_t> dk, dv;
+  acc_t scale;
+};
+
+// --8<-- [start:backward_rows]
+// p_j = exp(scale * s_j - lse) for the n visible keys of a row, zeros up to kn: the forward's
+// probabilities, recomputed from the scores and the saved log-sum-exp.
+template <typename acc_t>
+void probs_row(acc_t* s, int64_t n, int64_t kn, acc_t scale, acc_t lse) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if (n > 0) {
+    const Vec vscale(scale), shift(-lse);
+    at::vec::map([=](Vec x) { return vexp(at::vec::fmadd(x, vscale, shift)); }, s, s, n);
+  }
+  std::fill(s + std::max<int64_t>(n, 0), s + kn, acc_t(0));
+}
+
+// dS_j = p_j (dP_j - D), D = sum_c dO_c O_c: the softmax backward of the row, written over dP.
+template <typename acc_t>
+void dscores_row(const acc_t* p, acc_t* dp, int64_t n, int64_t kn, acc_t d) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if (n > 0) {
+    const Vec vd(d);
+    at::vec::map2([=](Vec pj, Vec dpj) { return pj * (dpj - vd); }, dp, p, dp, n);
+  }
+  std::fill(dp + std::max<int64_t>(n, 0), dp + kn, acc_t(0));
+}
+// --8<-- [end:backward_rows]
+
+// --8<-- [start:backward_tile]
+// One key tile (keys k0..k0+kn-1 of key/value head g) against every query tile at or after it, for
+// each query head that reads it: FlashAttention-2's backward, five tile products per visit.
+template <typename scalar_t, typename acc_t>
+void backward_tile(const BackwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t g, int64_t kt, acc_t* dq,
+                   acc_t* S, acc_t* dP, acc_t* dK, acc_t* dV) {
+  const Shape& s = a.s;
+  const int64_t k0 = kt * BK, kn = std::min(BK, s.T - k0), Dp = s.Dp, kv = b * s.Hkv + g;
+  const acc_t *Kp = a.kp + kv * s.Tk * Dp, *Kt = a.kt + kv * Dp * s.Tk, *Vt = a.vt + kv * Dp * s.Tk;
+  std::fill(dK, dK + BK * Dp, acc_t(0));
+  std::fill(dV, dV + BK * Dp, acc_t(0));
+  for (int64_t hh = 0; hh < s.rep(); ++hh) {
+    const int64_t bh = b * s.H + g * s.rep() + hh;
+    const acc_t *Q = a.qp + bh * s.T * Dp, *dO = a.dop + bh * s.T * Dp;
+    const acc_t *lse = a.lse + bh * s.T, *dd = a.dd + bh * s.T;
+    acc_t* dQ = dq + hh * s.T * Dp;
+    for (int64_t q0 = k0 / BQ * BQ; q0 < s.T; q0 += BQ) {
+      const int64_t qn = std::min(BQ, s.T - q0), diag = q0 - k0;
+      const bool on = kn - 1 > diag;
+      const Causal cols = on ? Causal::cols : Causal::none, k_end = on ? Causal::k_end : Causal::none;
+      const Causal k_begin = on ? Causal::k_begin : Causal::none;
+      tile_mm<acc_t>({Q + q0 * Dp, Dp, 1, Kt + k0, s.Tk, S, BK, false}, qn, BK, Dp, cols, diag);  // S = Q K^T
+      for (int64_t r = 0; r < qn; ++r) probs_row(S + r * BK, std::min(kn, r + diag + 1), kn, a.scale, lse[q0 + r]);
+      tile_mm<acc_t>({S, 1, BK, dO + q0 * Dp, Dp, dV, Dp, true}, kn, Dp, qn, k_begin, diag);  // dV += P^T dO
+      tile_mm<acc_t>({dO + q0 * Dp, Dp, 1, Vt + k0, s.Tk, dP, BK, false}, qn, BK, Dp, cols, diag);  // dP = dO V^T
+      for (int64_t r = 0; r < qn; ++r)
+        dscores_row(S + r * BK, dP + r * BK, std::min(kn, r + diag + 1), kn, dd[q0 + r]);  // dS = P (dP - D)
+      tile_mm<acc_t>({dP, BK, 1, Kp + k0 * Dp, Dp, dQ + q0 * Dp, Dp, true}, qn, Dp, kn, k_end, diag);  // dQ += dS K
+      tile_mm<acc_t>({dP, 1, BK, Q + q0 * Dp, Dp, dK, Dp, true}, kn, Dp, qn, k_begin, diag);  // dK += dS^T Q
+    }
+  }
+  for (int64_t c = 0; c < kn; ++c) {  // the scale of the scores, folded out of the loop
+    store_row(dK + c * Dp, s.D, a.scale, a.dk.row(b, g, k0 + c), a.dk.sd);
+    store_row(dV + c * Dp, s.D, acc_t(1), a.dv.row(b, g, k0 + c), a.dv.sd);
+  }
+}
+// --8<-- [end:backward_tile]
+
+// Key tiles [first, last) of part `part` of `parts`, in equal shares of work: key tile kt meets
+// the query tiles from its own to the last.
+std::pair<int64_t, int64_t> key_tiles_of(int64_t part, int64_t parts, const Shape& s) {
+  std::vector<int64_t> before(s.nk + 1, 0);  // work of the key tiles before kt
+  for (int64_t kt = 0; kt < s.nk; ++kt) before[kt + 1] = before[kt] + s.nq - kt * BK / BQ;
+  auto start = [&](int64_t p) {
+    return int64_t(std::lower_bound(before.begin(), before.end(), (before[s.nk] * p + parts - 1) / parts) -
+                   before.begin());
+  };
+  return {std::min(start(part), s.nk), std::min(start(part + 1), s.nk)};
+}
+
+// Queries, output gradients and D = rowsum(dO * O) per query head, packed in parallel.
+template <typename scalar_t, typename acc_t>
+void pack_queries(const Shape& s, const at::Tensor& q, const at::Tensor& grad, const at::Tensor& out, acc_t* qp,
+                  acc_t* dop, acc_t* dd) {
+  const Strided<const scalar_t> Q = strided_in<scalar_t>(q), G = strided_in<scalar_t>(grad),
+                                O = strided_in<scalar_t>(out);
+  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> o(s.Dp);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / s.H, h = bh % s.H;
+      for (int64_t t = 0; t < s.T; ++t) {
+        acc_t* dO = dop + (bh * s.T + t) * s.Dp;
+        load_row(Q.row(b, h, t), Q.sd, s.D, s.Dp, acc_t(1), qp + (bh * s.T + t) * s.Dp);
+        load_row(G.row(b, h, t), G.sd, s.D, s.Dp, acc_t(1), dO);
+        load_row(O.row(b, h, t), O.sd, s.D, s.Dp, acc_t(1), o.data());
+        dd[bh * s.T + t] = dot_scalar(dO, o.data(), s.D);  // D_t = sum_c dO_tc O_tc
+      }
+    }
+  });
+}
+
+// dq = scale * (the sum of the parts' query gradients), row by row in parallel.
+template <typename scalar_t, typename acc_t>
+void reduce_dq(const Shape& s, const acc_t* dqp, int64_t parts, acc_t scale, at::Tensor& dq) {
+  const Strided<scalar_t> dQ = strided_out<scalar_t>(dq);
+  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(s.Dp);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / s.H, h = bh % s.H, g = h / s.rep(), hh = h % s.rep();
+      const acc_t* first = dqp + ((b * s.Hkv + g) * parts * s.rep() + hh) * s.T * s.Dp;  // part 0
+      const int64_t part_stride = s.rep() * s.T * s.Dp;
+      for (int64_t t = 0; t < s.T; ++t) {
+        std::copy(first + t * s.Dp, first + (t + 1) * s.Dp, sum.begin());
+        for (int64_t p = 1; p < parts; ++p) axpy_scalar(acc_t(1), first + p * part_stride + t * s.Dp, sum.data(), s.D);
+        store_row(sum.data(), s.D, scale, dQ.row(b, h, t), dQ.sd);
+      }
+    }
+  });
+}
+
+// --8<-- [start:cpu_backward]
+template <typename scalar_t>
+void backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& lse, double scale, at::Tensor& dq, at::Tensor& dk,
+              at::Tensor& dv) {
+  using acc_t = acc_type<scalar_t>;
+  const Shape s = shape_of<acc_t>(q, k);
+  const int64_t BHkv = s.B * s.Hkv, size = s.Dp * s.Tk;
+  at::Tensor qp = acc_buffer<acc_t>(q, {s.B * s.H, s.T, s.Dp}), dop = at::empty_like(qp);
+  at::Tensor dd = acc_buffer<acc_t>(q, {s.B * s.H, s.T}), kvp = acc_buffer<acc_t>(q, {3, BHkv, size});
+  acc_t* kv = kvp.data_ptr<acc_t>();
+  pack_queries<scalar_t, acc_t>(s, q, grad, out, qp.data_ptr<acc_t>(), dop.data_ptr<acc_t>(), dd.data_ptr<acc_t>());
+  pack_keys_values<scalar_t, acc_t>(s, k, v, kv + BHkv * size, kv, kv + 2 * BHkv * size, nullptr);
+  // With fewer key/value heads than twice the threads, each head's key tiles are split into parts,
+  // each with a query-gradient buffer of its own, summed at the end.
+  const int64_t parts = std::clamp<int64_t>((2 * at::get_num_threads() + BHkv - 1) / BHkv, 1, s.nk);
+  at::Tensor dqp = acc_buffer<acc_t>(q, {BHkv * parts, s.rep(), s.T, s.Dp});
+  const BackwardArgs<scalar_t, acc_t> args{s, qp.data_ptr<acc_t>(), dop.data_ptr<acc_t>(), dd.data_ptr<acc_t>(),
+                                           lse.data_ptr<acc_t>(), kv, kv + BHkv * size, kv + 2 * BHkv * size,
+                                           strided_out<scalar_t>(dk), strided_out<scalar_t>(dv), acc_t(scale)};
+  at::parallel_for(0, BHkv * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> S(BQ * BK), dP(BQ * BK), dK(BK * s.Dp), dV(BK * s.Dp);
+    for (int64_t t = begin; t < end; ++t) {
+      acc_t* dq_part = dqp.data_ptr<acc_t>() + t * s.rep() * s.T * s.Dp;
+      std::fill(dq_part, dq_part + s.rep() * s.T * s.Dp, acc_t(0));
+      const auto [first, last] = key_tiles_of(t % parts, parts, s);
+      for (int64_t kt = first; kt < last; ++kt)
+        backward_tile(args, t / parts / s.Hkv, t / parts % s.Hkv, kt, dq_part, S.data(), dP.data(), dK.data(), dV.data());
+    }
+  });
+  reduce_dq<scalar_t, acc_t>(s, dqp.data_ptr<acc_t>(), parts, acc_t(scale), dq);
+}
+// --8<-- [end:cpu_backward]
+
+// --8<-- [start:backward_entry]
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, double scale) {
+  check_inputs(q, k, v, scale);
+  check_backward_inputs(grad, q, out, lse);
+  // Gradients laid out like their inputs (never written into grad): a transposed view stays free.
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  if (q.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
+  const at::Tensor L = lse.to(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "causal_attention_backward_cpu",
+                                  [&] { backward<scalar_t>(grad, q, k, v, out, L, scale, dq, dk, dv); });
+  return {dq, dk, dv};
+}
+// --8<-- [end:backward_entry]
+
+}  // namespace
+
+// --8<-- [start:registration]
+// The ops' schemas and their CPU kernels; csrc/flash_attention_cuda.cu adds the CUDA kernels and
+// src/flash_attention.py the autograd formula and the shape-only (fake) implementations.
+TORCH_LIBRARY(gpt_flash, m) {
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  m.def("causal_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(gpt_flash, CPU, m) {
+  m.impl("causal_attention", &causal_attention_cpu);
+  m.impl("causal_attention_backward", &causal_attention_backward_cpu);
+}
+// --8<-- [end:registration]
