@@ -210,7 +210,7 @@ def load_pretrained(name_or_path: str | Path, **overrides) -> GPTModel:
         if not weights.is_file():
             raise UserError(f"{path} holds no {WEIGHTS_FILE}")
     state = read_safetensors(weights)
-    hf_config = _read_config(config) if config.is_file() else _config_from_shapes(state)
+    hf_config = read_config(config, _HF_DEFAULTS) if config.is_file() else _config_from_shapes(state)
     model = GPTModel(config_from_hf(hf_config, **overrides))
     return load_gpt2_state_dict(model, state).eval()
 
@@ -219,14 +219,15 @@ def load_pretrained(name_or_path: str | Path, **overrides) -> GPTModel:
 _HF_DEFAULTS = dict(n_inner=None, activation_function="gelu_new", resid_pdrop=0.1)
 
 
-def _read_config(path: Path) -> SimpleNamespace:
+def read_config(path: Path, defaults: dict) -> SimpleNamespace:
+    """A Hugging Face ``config.json`` as attributes, ``defaults`` filling the fields it leaves out."""
     try:
         config = json.loads(path.read_text("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path} is not a JSON config: {err}") from None
     if not isinstance(config, dict):
         raise UserError(f"{path} is not a JSON object")
-    return SimpleNamespace(**(_HF_DEFAULTS | config))
+    return SimpleNamespace(**(defaults | config))
 
 
 def _config_from_shapes(state: Mapping[str, torch.Tensor]) -> SimpleNamespace:

@@ -24,13 +24,12 @@ or a folder as ``save_pretrained`` writes it: ``config.json``, the weights in ``
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from src.checkpoints import read_safetensors
 from src.errors import UserError
-from src.gpt2 import CONFIG_FILE, WEIGHTS_FILE, copy_mapped
+from src.gpt2 import CONFIG_FILE, WEIGHTS_FILE, copy_mapped, read_config
 from src.model import GPTConfig, GPTModel
 from src.tokenizer import load_tokenizer_json
 
@@ -212,7 +211,7 @@ def model_folder(name_or_path: str | Path) -> Path:
 def is_llama_folder(path: str | Path) -> bool:
     """Whether ``path`` is a folder whose ``config.json`` names one of ``FAMILIES``."""
     config = Path(path) / CONFIG_FILE
-    return config.is_file() and _read_config(config).model_type in FAMILIES
+    return config.is_file() and read_config(config, {"model_type": None}).model_type in FAMILIES
 
 
 def load_pretrained(name_or_path: str | Path, **overrides) -> GPTModel:
@@ -222,7 +221,7 @@ def load_pretrained(name_or_path: str | Path, **overrides) -> GPTModel:
     if not (folder / CONFIG_FILE).is_file():
         raise UserError(f"{folder} holds no {CONFIG_FILE}, which says the model's shape")
     try:
-        cfg = config_from_hf(_read_config(folder / CONFIG_FILE), **overrides)
+        cfg = config_from_hf(read_config(folder / CONFIG_FILE, {"model_type": None}), **overrides)
     except AttributeError as err:  # a config.json that leaves out a size
         raise UserError(f"{folder / CONFIG_FILE} lacks a field: {err}") from None
     return load_llama_state_dict(GPTModel(cfg), _read_weights(folder)).eval()
@@ -252,16 +251,6 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     for shard in shards:
         state |= read_safetensors(folder / Path(shard).name)
     return state
-
-
-def _read_config(path: Path) -> SimpleNamespace:
-    try:
-        config = json.loads(path.read_text("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} is not a JSON config: {err}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} is not a JSON object")
-    return SimpleNamespace(**({"model_type": None} | config))
 
 
 # --8<-- [end:load_pretrained]

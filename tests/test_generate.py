@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import src.generate
+from benchmarks.inference import ConcatKVCache
 from src.attention import KVCache
 from src.errors import UserError
 from src.generate import (
@@ -236,16 +237,6 @@ class CopySizes(TorchDispatchMode):
         return out
 
 
-class ConcatCache(KVCache):
-    """The cache grown with torch.cat at every step: the negative control."""
-
-    def append(self, k, v, context_length):
-        self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=2)
-        self.values = v if self.values is None else torch.cat([self.values, v], dim=2)
-        self.length = self.keys.shape[2]
-        return self.keys, self.values
-
-
 def largest_copy_per_step(model, cache_class, steps: int) -> list[int]:
     """Decode ``steps`` tokens through ``cache_class``; the largest copy of each step."""
     cache = [cache_class(steps + 5) for _ in model.trf_blocks]
@@ -264,7 +255,7 @@ def test_a_decoding_step_copies_nothing_that_grows_with_the_position():
     largest = largest_copy_per_step(model, KVCache, 200)
     assert max(largest) == largest[0] <= 64  # one token's key or value (2 heads x 32), at most
     # The check sees the copies that do grow: a cache grown by torch.cat copies the whole prefix.
-    grown = largest_copy_per_step(model, ConcatCache, 200)
+    grown = largest_copy_per_step(model, ConcatKVCache, 200)
     assert grown == [(6 + step) * 64 for step in range(200)]  # every step: the whole prefix
 
 

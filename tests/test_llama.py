@@ -277,7 +277,7 @@ def test_config_json_of_the_published_kind_reads(tmp_path):
                   max_position_embeddings=48, rope_theta=100000, rope_scaling=None,
                   tie_word_embeddings=True, hidden_act="silu")  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(fields))
-    cfg = config_from_hf(llama._read_config(tmp_path / "config.json"))
+    cfg = config_from_hf(llama.read_config(tmp_path / "config.json", {"model_type": None}))
     assert (cfg.rope_theta, cfg.kv_heads, cfg.tie_weights) == (100000.0, 2, True)
 
 
