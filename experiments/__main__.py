@@ -1,6 +1,6 @@
 """Run the "Break it" experiments and write their tables where the chapters include them.
 
-    uv run python -m experiments                 # all of them, about 10 minutes on 2 cores
+    uv run python -m experiments                 # all of them, tens of minutes on 2 cores
     uv run python -m experiments no-scale        # one, by name
     uv run python -m experiments --list          # the names, by chapter
 
