@@ -20,6 +20,7 @@ It also accepts a local safetensors file, or a folder holding ``model.safetensor
 """
 
 import json
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -165,20 +166,29 @@ def download_gpt2(name: str, cache_dir: Path | None = None) -> Path:
     The first call downloads them into the Hugging Face cache (``~/.cache/huggingface``, or
     ``cache_dir``); later calls find them there.
     """
-    from huggingface_hub import hf_hub_download  # needed only for downloads
-
     if name not in GPT2_REPOS:
         raise UserError(f"unknown GPT-2 model {name!r}; choose one of {', '.join(GPT2_REPOS)}")
-    repo = GPT2_REPOS[name]
+    return download_from_hub(name, GPT2_REPOS[name], (CONFIG_FILE, WEIGHTS_FILE), cache_dir)
+
+
+def download_from_hub(name: str, repo: str, files: tuple[str, ...], cache_dir: Path | None) -> Path:
+    """The folder of ``files`` from the Hub repository ``repo``: downloaded once, then cached."""
+    from huggingface_hub import hf_hub_download  # needed only for downloads
+
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its warnings on each retry would bury the one line below
     try:
-        paths = [hf_hub_download(repo, f, cache_dir=cache_dir) for f in (CONFIG_FILE, WEIGHTS_FILE)]
+        paths = [hf_hub_download(repo, f, cache_dir=cache_dir) for f in files]
     except Exception as err:  # no network, a proxy refusing, a hub error: all end the same way
         raise UserError(
             f"could not download {name} from https://huggingface.co/{repo} and it is not cached "
             f"({type(err).__name__}); connect to the internet once so it is cached, or download "
-            f"{CONFIG_FILE} and {WEIGHTS_FILE} from that page into a folder and pass it with --weights"
+            f"{', '.join(files)} from that page into a folder and pass it with --weights"
         ) from None
-    return Path(paths[1]).parent
+    finally:
+        hub_log.setLevel(level)
+    return Path(paths[0]).parent
 
 
 # --8<-- [end:download]
@@ -210,7 +220,9 @@ def load_pretrained(name_or_path: str | Path, **overrides) -> GPTModel:
         if not weights.is_file():
             raise UserError(f"{path} holds no {WEIGHTS_FILE}")
     state = read_safetensors(weights)
-    hf_config = read_config(config, _HF_DEFAULTS) if config.is_file() else _config_from_shapes(state)
+    hf_config = (
+        read_config(config, _HF_DEFAULTS) if config.is_file() else _config_from_shapes(state)
+    )
     model = GPTModel(config_from_hf(hf_config, **overrides))
     return load_gpt2_state_dict(model, state).eval()
 

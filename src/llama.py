@@ -29,7 +29,7 @@ import torch
 
 from src.checkpoints import read_safetensors
 from src.errors import UserError
-from src.gpt2 import CONFIG_FILE, WEIGHTS_FILE, copy_mapped, read_config
+from src.gpt2 import CONFIG_FILE, WEIGHTS_FILE, copy_mapped, download_from_hub, read_config
 from src.model import GPTConfig, GPTModel
 from src.tokenizer import load_tokenizer_json
 
@@ -176,21 +176,10 @@ LLAMA_REPOS = {
 def download_llama(name: str, cache_dir: Path | None = None) -> Path:
     """The folder holding ``config.json``, ``model.safetensors`` and ``tokenizer.json`` of the
     model ``name``, downloaded into the Hugging Face cache on first use."""
-    from huggingface_hub import hf_hub_download  # needed only for downloads
-
     if name not in LLAMA_REPOS:
         raise UserError(f"unknown model {name!r}; choose one of {', '.join(LLAMA_REPOS)}")
-    repo = LLAMA_REPOS[name]
-    files = (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE)
-    try:
-        paths = [hf_hub_download(repo, f, cache_dir=cache_dir) for f in files]
-    except Exception as err:  # no network, a proxy refusing, a hub error: all end the same way
-        raise UserError(
-            f"could not download {name} from https://huggingface.co/{repo} and it is not cached "
-            f"({type(err).__name__}); connect to the internet once so it is cached, or download "
-            f"{', '.join(files)} from that page into a folder and pass it with --weights"
-        ) from None
-    return Path(paths[0]).parent
+    return download_from_hub(name, LLAMA_REPOS[name], (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE),
+                             cache_dir)  # fmt: skip
 
 
 # --8<-- [end:download]

@@ -5,9 +5,12 @@ files have exactly the layout of the published checkpoints, and our logits must 
 """
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import REPO
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from src import generate, gpt2
@@ -125,3 +128,31 @@ def test_generate_cli_offline_is_one_line(tmp_path, monkeypatch, capsys):
     assert generate.main(["--pretrained", "gpt2-xl", "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: could not download gpt2-xl")
+
+
+HUB_RETRIES = """
+import logging, sys
+import huggingface_hub
+from src import generate
+
+def failing_download(repo, filename, cache_dir=None):  # warns as huggingface_hub does, then fails
+    logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+    raise ConnectionError("Name or service not known")
+
+huggingface_hub.hf_hub_download = failing_download
+level = logging.getLogger("huggingface_hub").level
+code = generate.main(["--pretrained", "gpt2", "--prompt", "hi"])
+assert logging.getLogger("huggingface_hub").level == level  # restored afterwards
+sys.exit(code)
+"""
+
+
+def test_hub_retry_warnings_do_not_bury_the_one_line():
+    # Without a network, huggingface_hub logs a warning on every retry before it gives up; with no
+    # logging configured, Python prints those above our line. In a process of its own, as a user runs
+    # it (pytest's own log handlers would swallow the warnings).
+    out = subprocess.run([sys.executable, "-c", HUB_RETRIES], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, check=False)  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: could not download gpt2 "), err
