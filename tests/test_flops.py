@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from experiments.accounting import counted  # FlopCounterMode on the real model, per token
 from src import flops
 from src.flops import (
     PeakMemory,
@@ -39,22 +39,10 @@ CONFIGS = [
 ]
 
 
-def counted_flops_per_token(cfg: GPTConfig) -> float:
-    """What ``FlopCounterMode`` counts in a forward and backward pass of the real model on one
-    full window, per token. On the meta device: shapes only, no arithmetic."""
-    with torch.device("meta"):
-        model = GPTModel(cfg)
-        idx = torch.zeros(1, cfg.context_length, dtype=torch.long)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        cross_entropy(model(idx), idx).backward()
-    return counter.get_total_flops() / cfg.context_length
-
-
 @pytest.mark.parametrize("name, overrides", CONFIGS)
 def test_flops_per_token_equal_the_flop_counter(name, overrides):
     cfg = GPTConfig.from_preset(name, **overrides)
-    assert training_flops_per_token(cfg) == pytest.approx(counted_flops_per_token(cfg), rel=0.01)
+    assert training_flops_per_token(cfg) == pytest.approx(counted(cfg), rel=0.01)
 
 
 @pytest.mark.parametrize("name, overrides", CONFIGS)
