@@ -16,10 +16,13 @@ models of several sizes N, each trained on exactly the D tokens that spend C,
 
 The corpus is the standard library's source and tests (``--data python-stdlib``), 15 million
 tokens, so that no run sees a token twice. The models are one family with one dial (the depth, as in
-nanochat): ``n_layers = depth``, ``emb_dim = 16 depth``, heads of 16 dimensions. Every finished run
-is kept as one JSON file in ``--out``/runs, written atomically, so an interrupted lab continues
-where it stopped. The results go to ``--out``: ``scaling.json`` (the runs, the fit, the exponents)
-and ``scaling.png``; with ``--book``, a table for the book in ``docs/assets/scaling/``.
+nanochat): ``n_layers = depth``, ``emb_dim = 8 depth``, heads of 8 dimensions, so that neighbouring
+sizes differ by a factor of about 2 where this lab's optima lie. Each budget starts from the sizes
+around Chinchilla's 20 tokens per parameter; a budget whose lowest loss is at an edge of its sizes
+gets the next size beyond that edge, until its minimum is inside (or no size fits its data). Every
+finished run is kept as one JSON file in ``--out``/runs, written atomically, so an interrupted lab
+continues where it stopped. The results go to ``--out``: ``scaling.json`` (the runs, the fit, the
+exponents) and ``scaling.png``; with ``--book``, a table for the book in ``docs/assets/scaling/``.
 """
 
 import argparse
@@ -67,7 +70,7 @@ class Design:
 
     budgets: tuple[float, ...]  # compute budgets C, in FLOPs
     depths: tuple[int, ...]  # the sizes on offer; each budget trains the ones that fit
-    sizes_per_budget: int = 5  # the depths nearest the budget's guess of the optimum
+    sizes_per_budget: int = 5  # the depths a budget starts from, around its guess of the optimum
     data: str = "python-stdlib"
     vocab_size: int = 512
     context_length: int = 128
@@ -77,14 +80,14 @@ class Design:
     seed: int = 123
 
 
-QUICK = Design(budgets=(3e11, 6e11, 1.2e12), depths=tuple(range(1, 9)), sizes_per_budget=4)
-FULL = Design(budgets=(3e11, 1e12, 3e12), depths=tuple(range(1, 11)), sizes_per_budget=6)
+QUICK = Design(budgets=(1.5e11, 3e11, 6e11), depths=tuple(range(1, 11)), sizes_per_budget=4)
+FULL = Design(budgets=(3e11, 1e12, 3e12), depths=tuple(range(1, 13)), sizes_per_budget=6)
 
 
 def model_config(depth: int, design: Design) -> GPTConfig:
-    """The depth dial: one number sets the width and the heads too (16 dimensions per head)."""
+    """The depth dial: one number sets the width and the heads too (8 dimensions per head)."""
     return GPTConfig(vocab_size=design.vocab_size, context_length=design.context_length,
-                     emb_dim=16 * depth, n_heads=depth, n_layers=depth, drop_rate=0.0)  # fmt: skip
+                     emb_dim=8 * depth, n_heads=depth, n_layers=depth, drop_rate=0.0)  # fmt: skip
 
 
 def learning_rate(cfg: GPTConfig) -> float:
@@ -92,33 +95,51 @@ def learning_rate(cfg: GPTConfig) -> float:
     return 3e-3 * (64 / cfg.emb_dim) ** 0.5
 
 
-def plan(design: Design, n_train: int) -> list[dict]:
-    """The runs of the design. For each budget, the depths whose run has at least ``min_steps``
-    steps and reads no training token twice; of those, ``sizes_per_budget`` in a row, centred on
-    the size that Chinchilla's 20 tokens per parameter would pick (a guess to centre the grid on,
-    which the fit then tests)."""
+def sizes(design: Design, n_train: int) -> dict[float, list[dict]]:
+    """Every run each budget can train, smallest model first: the depths whose run has at least
+    ``min_steps`` steps and reads no training token twice."""
     tokens_per_step = design.batch_size * design.context_length
-    runs = []
+    options = {}
     for budget in design.budgets:
-        fits = []
+        options[budget] = []
         for depth in design.depths:
             cfg = model_config(depth, design)
             steps = round(budget / (training_flops_per_token(cfg) * tokens_per_step))
-            if design.min_steps <= steps and steps * tokens_per_step <= n_train:
-                fits.append((depth, cfg, steps))
-        guess = math.sqrt(budget / 120)  # C = 6 N D and D = 20 N
-        centre = min(
-            range(len(fits)), key=lambda i: abs(math.log(matmul_parameters(fits[i][1]) / guess))
-        )
-        first = max(
-            0, min(centre - design.sizes_per_budget // 2, len(fits) - design.sizes_per_budget)
-        )
-        for depth, cfg, steps in fits[first : first + design.sizes_per_budget]:
             D = steps * tokens_per_step
-            runs.append({"budget": budget, "depth": depth, "config": cfg.to_dict(),
-                         "N": matmul_parameters(cfg), "D": D, "C": training_flops_per_token(cfg) * D,
-                         "steps": steps, "lr": learning_rate(cfg)})  # fmt: skip
-    return runs
+            if design.min_steps <= steps and D <= n_train:
+                options[budget].append({"budget": budget, "depth": depth, "config": cfg.to_dict(),
+                                        "N": matmul_parameters(cfg), "D": D,
+                                        "C": training_flops_per_token(cfg) * D, "steps": steps,
+                                        "lr": learning_rate(cfg)})  # fmt: skip
+    return options
+
+
+def first_window(options: list[dict], design: Design) -> range:
+    """The ``sizes_per_budget`` runs in a row a budget starts from, centred on the size that
+    Chinchilla's 20 tokens per parameter would pick (a guess, which the losses then correct)."""
+    guess = math.sqrt(options[0]["budget"] / 120)  # C = 6 N D and D = 20 N
+    centre = min(range(len(options)), key=lambda i: abs(math.log(options[i]["N"] / guess)))
+    first = max(
+        0, min(centre - design.sizes_per_budget // 2, len(options) - design.sizes_per_budget)
+    )
+    return range(first, min(len(options), first + design.sizes_per_budget))
+
+
+def widened(window: range, losses: list[float], n_options: int) -> range:
+    """The window one size wider on the side where its lowest loss sits, if that is an edge and a
+    size beyond it fits; else the same window, whose minimum is inside (or cannot be)."""
+    low = min(range(len(losses)), key=losses.__getitem__)
+    if low == 0 and window.start > 0:
+        return range(window.start - 1, window.stop)
+    if low == len(losses) - 1 and window.stop < n_options:
+        return range(window.start, window.stop + 1)
+    return window
+
+
+def plan(design: Design, n_train: int) -> list[dict]:
+    """The runs each budget starts from, before any is widened."""
+    return [run for options in sizes(design, n_train).values()
+            for run in (options[i] for i in first_window(options, design))]  # fmt: skip
 
 
 # --8<-- [end:design]
@@ -178,28 +199,41 @@ def lab_data(design: Design):
     return corpus, tokenize_cached(corpus, tokenizer, cache_dir())
 
 
-def run_grid(design: Design, out: Path, jobs: int, change: dict | None = None) -> list[dict]:
-    """Every run of the design (each with ``change`` applied), trained or read back from
-    ``out/runs``; the longest start first, so that the workers finish together."""
-    corpus, tokens = lab_data(design)
-    runs = [run | (change or {}) for run in plan(design, len(split_tokens(tokens)[0]))]
-    done, todo = {}, []
-    for run in runs:
-        path = out / "runs" / f"{run_key(run, design, corpus.fingerprint)}.json"
-        if path.is_file():
-            done[path] = json.loads(path.read_text("utf-8"))
-        else:
-            todo.append((path, run))
+def run_grid(design: Design, out: Path, jobs: int) -> list[dict]:
+    """Every run of the design, trained or read back from ``out/runs``: each budget's first window
+    of sizes, then, round after round, one size more for each budget whose lowest loss is at an
+    edge of its window."""
+    data = lab_data(design)
+    options = sizes(design, len(split_tokens(data[1])[0]))
+    windows = {budget: first_window(runs, design) for budget, runs in options.items()}
+    while True:
+        results = train_all([options[b][i] for b, w in windows.items() for i in w], design, out,
+                            jobs, data)  # fmt: skip
+        loss = {(r["budget"], r["depth"]): r["val_loss"] for r in results}
+        wider = {b: widened(w, [loss[b, options[b][i]["depth"]] for i in w], len(options[b]))
+                 for b, w in windows.items()}  # fmt: skip
+        if wider == windows:
+            return sorted(results, key=lambda r: (r["budget"], r["N"]))
+        windows = wider
+
+
+def train_all(runs: list[dict], design: Design, out: Path, jobs: int, data) -> list[dict]:
+    """The results of ``runs``, in their order: read back from ``out/runs``, or trained, the
+    longest first so that the workers finish together, and each kept as soon as it finishes."""
+    corpus, tokens = data
+    paths = [out / "runs" / f"{run_key(run, design, corpus.fingerprint)}.json" for run in runs]
+    done = {path: json.loads(path.read_text("utf-8")) for path in paths if path.is_file()}
+    todo = sorted(((p, r) for p, r in zip(paths, runs, strict=True) if p not in done),
+                  key=lambda item: -item[1]["C"])  # fmt: skip
     print(f"{len(runs)} runs: {len(done)} done before, {len(todo)} to train on {jobs} "
           f"process(es); {len(tokens):,} tokens of {corpus.name}", file=sys.stderr)  # fmt: skip
-    todo.sort(key=lambda item: -item[1]["C"])
     for path, result in trained(todo, design, tokens.filename, jobs):
         write_atomically(path, json.dumps(result, indent=1))
         done[path] = result
         print(f"[{len(done)}/{len(runs)}] C {result['budget']:.2g}, depth {result['depth']}: "
               f"N {result['N']:,}, D {result['D']:,}, {result['seconds']:.0f} s, val loss "
               f"{result['val_loss']:.3f}", file=sys.stderr)  # fmt: skip
-    return sorted(done.values(), key=lambda r: (r["budget"], r["N"]))
+    return [done[path] for path in paths]
 
 
 def trained(todo: list[tuple[Path, dict]], design: Design, tokens_path: str, jobs: int):
@@ -265,10 +299,10 @@ def fit_law(N, D, loss) -> dict:
     for alpha in np.linspace(0.05, 1.5, 30):
         for beta in np.linspace(0.05, 1.5, 30):
             X = np.stack([np.ones_like(N), N**-alpha, D**-beta], axis=1)  # loss = X [E, A, B]
-            (E, A, B), *_ = np.linalg.lstsq(X, loss, rcond=None)
-            if min(E, A, B) > 0:  # a law with a negative term has no logarithm
-                error = float(np.sum((X @ [E, A, B] - loss) ** 2))
-                starts.append((error, (math.log(A), math.log(B), math.log(E), alpha, beta)))
+            # A law with a negative term has no logarithm: such a term starts at almost 0.
+            E, A, B = np.maximum(np.linalg.lstsq(X, loss, rcond=None)[0], 1e-6)
+            error = float(np.sum((X @ [E, A, B] - loss) ** 2))
+            starts.append((error, (math.log(A), math.log(B), math.log(E), alpha, beta)))
     logs = [torch.tensor(np.log(v), dtype=torch.float64) for v in (N, D, loss)]
     _, (a, b, e, alpha, beta) = min(_fit_from(start, *logs) for _, start in sorted(starts)[:5])
     return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta}
@@ -425,7 +459,9 @@ def too_little_data(design: Design, out: Path, jobs: int, distinct: int) -> str:
     twice."""
     smallest = replace(design, budgets=(min(design.budgets),))
     fresh = run_grid(smallest, out, jobs)
-    starved = run_grid(smallest, out, jobs, change={"distinct_tokens": distinct})
+    measured = ("val_loss", "eval_train_loss", "train_loss", "seconds")
+    starved = train_all([{k: v for k, v in r.items() if k not in measured} | {"distinct_tokens": distinct}
+                         for r in fresh], smallest, out, jobs, lab_data(smallest))  # fmt: skip
     header = ["depth", "N", "D (tokens seen)", f"epochs over {distinct:,} tokens",
               "val loss, fresh data", "val loss, repeated", "training loss, repeated",
               "gap (val - training)"]  # fmt: skip
