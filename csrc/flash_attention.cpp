@@ -160,8 +160,7 @@ BF16_TARGET void mm_block(const Operands<c10::BFloat16, float>& o, int64_t r0, i
   __m512 acc[R][NC];
   float* c = o.c + r0 * o.ldc + c0;
   for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NC; ++n)
-      acc[r][n] = o.accumulate ? _mm512_loadu_ps(c + r * o.ldc + n * W) : _mm512_setzero_ps();
+    for (int n = 0; n < NC; ++n) acc[r][n] = _mm512_maskz_loadu_ps(o.accumulate ? 0xFFFF : 0, c + r * o.ldc + n * W);
   const c10::BFloat16* a = o.a + r0 * ra;
   for (int64_t kk = k0 / 2; kk < (k1 + 1) / 2; ++kk) {
     const c10::BFloat16* b = o.b + (kk * o.ldb + c0) * 2;  // B's pair row kk, from column c0
@@ -299,19 +298,26 @@ Shape shape_of(const at::Tensor& q, const at::Tensor& k) {
 template <typename scalar_t, typename op_t>
 void pack_transposed(const scalar_t* src, int64_t st, int64_t sd, const Shape& s, op_t* dst) {
   constexpr int64_t TB = 16;  // keys per block: 16 rows read, one cache line of each column written
+  constexpr int64_t step = paired<op_t> ? 2 : 1;  // from one key to the next in a packed row
   for (int64_t t0 = 0; t0 < s.Tk; t0 += TB) {
     const int64_t tn = std::clamp<int64_t>(s.T - t0, 0, TB);
-    for (int64_t c = 0; c < s.Dp; ++c)
+    for (int64_t c = 0; c < s.Dp; ++c) {
+      op_t* out = dst + at_<op_t>(c, t0, s.Tk);
       for (int64_t t = 0; t < TB; ++t)
-        dst[at_<op_t>(c, t0 + t, s.Tk)] = c < s.D && t < tn ? static_cast<op_t>(src[(t0 + t) * st + c * sd]) : op_t(0);
+        out[t * step] = c < s.D && t < tn ? static_cast<op_t>(src[(t0 + t) * st + c * sd]) : op_t(0);
+    }
   }
 }
 
 template <typename scalar_t, typename op_t>
 void pack_rows(const scalar_t* src, int64_t st, int64_t sd, int64_t rows, bool pairs, const Shape& s, op_t* dst) {
-  for (int64_t t = 0; t < rows; ++t)
-    for (int64_t c = 0; c < s.Dp; ++c)
-      dst[at_(t, c, s.Dp, pairs)] = c < s.D && t < s.T ? static_cast<op_t>(src[t * st + c * sd]) : op_t(0);
+  const int64_t step = pairs ? 2 : 1;  // from one column to the next in a packed row
+  for (int64_t t = 0; t < rows; ++t) {
+    op_t* out = dst + at_(t, 0, s.Dp, pairs);
+    const int64_t n = t < s.T ? s.D : 0;
+    for (int64_t c = 0; c < n; ++c) out[c * step] = static_cast<op_t>(src[t * st + c * sd]);
+    for (int64_t c = n; c < s.Dp; ++c) out[c * step] = op_t(0);
+  }
 }
 // --8<-- [end:pack]
 
@@ -372,7 +378,7 @@ void forward_tile(const ForwardArgs<scalar_t, op_t, acc_t>& a, int64_t b, int64_
   using Vec = at::vec::Vectorized<acc_t>;
   const Shape& s = a.s;
   const int64_t g = h / s.rep(), q0 = qt * BQ, qn = std::min(BQ, s.T - q0), Dp = s.Dp;
-  for (int64_t r = 0; r < qn; ++r) load_row(a.q.row(b, h, q0 + r), a.q.sd, s.D, Dp, op_t(1), Q + r * Dp);
+  pack_rows(a.q.row(b, h, q0), a.q.st, a.q.sd, qn, false, s, Q);
   std::fill(O, O + qn * Dp, acc_t(0));
   std::fill(m, m + qn, neg_inf<acc_t>);
   std::fill(l, l + qn, acc_t(0));
@@ -585,6 +591,7 @@ std::pair<int64_t, int64_t> key_tiles_of(int64_t part, int64_t parts, const Shap
 template <typename scalar_t, typename op_t, typename acc_t>
 void pack_queries(const Shape& s, const at::Tensor& q, const at::Tensor& grad, const at::Tensor& out, op_t* qa,
                   op_t* qb, op_t* doa, op_t* dob, acc_t* dd) {
+  using Vec = at::vec::Vectorized<acc_t>;
   const Strided<const scalar_t> Q = strided_in<scalar_t>(q), G = strided_in<scalar_t>(grad),
                                 O = strided_in<scalar_t>(out);
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
@@ -598,7 +605,8 @@ void pack_queries(const Shape& s, const at::Tensor& q, const at::Tensor& grad, c
       for (int64_t t = 0; t < s.T; ++t) {
         load_row(G.row(b, h, t), G.sd, s.D, s.Dp, acc_t(1), dO.data());
         load_row(O.row(b, h, t), O.sd, s.D, s.Dp, acc_t(1), o.data());
-        dd[bh * s.T + t] = dot_scalar(dO.data(), o.data(), s.D);  // D_t = sum_c dO_tc O_tc
+        dd[bh * s.T + t] = at::vec::map2_reduce_all<acc_t>(  // D_t = sum_c dO_tc O_tc
+            [](Vec x, Vec y) { return x * y; }, [](Vec x, Vec y) { return x + y; }, dO.data(), o.data(), s.D);
       }
     }
   });
