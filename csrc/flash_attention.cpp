@@ -157,13 +157,14 @@ BF16_TARGET void mm_block(const Operands<c10::BFloat16, float>& o, int64_t r0, i
   constexpr int64_t W = 16;  // float32 lanes of a zmm register
   // Pair kk of row r of A: 2 * kk along a row, or [kk][r] when A is read transposed.
   const int64_t ra = o.a_ks == 1 ? o.a_rs : 2, ka = o.a_ks == 1 ? 2 : 2 * o.a_ks;
+  const int64_t ldb = o.ldb, ldc = o.ldc;  // locals: the stores below may alias any memory
   __m512 acc[R][NC];
-  float* c = o.c + r0 * o.ldc + c0;
+  float* c = o.c + r0 * ldc + c0;
   for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NC; ++n) acc[r][n] = _mm512_maskz_loadu_ps(o.accumulate ? 0xFFFF : 0, c + r * o.ldc + n * W);
+    for (int n = 0; n < NC; ++n) acc[r][n] = _mm512_maskz_loadu_ps(o.accumulate ? 0xFFFF : 0, c + r * ldc + n * W);
   const c10::BFloat16* a = o.a + r0 * ra;
   for (int64_t kk = k0 / 2; kk < (k1 + 1) / 2; ++kk) {
-    const c10::BFloat16* b = o.b + (kk * o.ldb + c0) * 2;  // B's pair row kk, from column c0
+    const c10::BFloat16* b = o.b + (kk * ldb + c0) * 2;  // B's pair row kk, from column c0
     __m512bh bv[NC];
     for (int n = 0; n < NC; ++n) bv[n] = (__m512bh)_mm512_loadu_si512(b + n * 2 * W);
     for (int r = 0; r < R; ++r) {
@@ -174,7 +175,7 @@ BF16_TARGET void mm_block(const Operands<c10::BFloat16, float>& o, int64_t r0, i
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NC; ++n) _mm512_storeu_ps(c + r * o.ldc + n * W, acc[r][n]);
+    for (int n = 0; n < NC; ++n) _mm512_storeu_ps(c + r * ldc + n * W, acc[r][n]);
 }
 
 // The first kn columns of rows 0..rows-1 of a (rows, BK) float32 tile, rounded to bfloat16 (to
@@ -309,13 +310,17 @@ void pack_transposed(const scalar_t* src, int64_t st, int64_t sd, const Shape& s
   }
 }
 
-template <typename scalar_t, typename op_t>
-void pack_rows(const scalar_t* src, int64_t st, int64_t sd, int64_t rows, bool pairs, const Shape& s, op_t* dst) {
-  const int64_t step = pairs ? 2 : 1;  // from one column to the next in a packed row
+template <bool pairs, typename scalar_t, typename op_t>
+void pack_rows(const scalar_t* src, int64_t st, int64_t sd, int64_t rows, const Shape& s, op_t* dst) {
+  constexpr int64_t step = pairs ? 2 : 1;  // from one column to the next in a packed row
   for (int64_t t = 0; t < rows; ++t) {
     op_t* out = dst + at_(t, 0, s.Dp, pairs);
+    const scalar_t* in = src + t * st;
     const int64_t n = t < s.T ? s.D : 0;
-    for (int64_t c = 0; c < n; ++c) out[c * step] = static_cast<op_t>(src[t * st + c * sd]);
+    if (sd == 1)  // the usual layout, a loop the compiler vectorises
+      for (int64_t c = 0; c < n; ++c) out[c * step] = static_cast<op_t>(in[c]);
+    else
+      for (int64_t c = 0; c < n; ++c) out[c * step] = static_cast<op_t>(in[c * sd]);
     for (int64_t c = n; c < s.Dp; ++c) out[c * step] = op_t(0);
   }
 }
@@ -378,7 +383,7 @@ void forward_tile(const ForwardArgs<scalar_t, op_t, acc_t>& a, int64_t b, int64_
   using Vec = at::vec::Vectorized<acc_t>;
   const Shape& s = a.s;
   const int64_t g = h / s.rep(), q0 = qt * BQ, qn = std::min(BQ, s.T - q0), Dp = s.Dp;
-  pack_rows(a.q.row(b, h, q0), a.q.st, a.q.sd, qn, false, s, Q);
+  pack_rows<false>(a.q.row(b, h, q0), a.q.st, a.q.sd, qn, s, Q);
   std::fill(O, O + qn * Dp, acc_t(0));
   std::fill(m, m + qn, neg_inf<acc_t>);
   std::fill(l, l + qn, acc_t(0));
@@ -431,9 +436,9 @@ void pack_keys_values(const Shape& s, const at::Tensor& k, const at::Tensor& v, 
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / s.Hkv, g = i % s.Hkv;
       if (kt) pack_transposed(K.row(b, g, 0), K.st, K.sd, s, kt + i * size);
-      if (kp) pack_rows(K.row(b, g, 0), K.st, K.sd, s.Tk, paired<op_t>, s, kp + i * size);
+      if (kp) pack_rows<paired<op_t>>(K.row(b, g, 0), K.st, K.sd, s.Tk, s, kp + i * size);
       if (vt) pack_transposed(V.row(b, g, 0), V.st, V.sd, s, vt + i * size);
-      if (vp) pack_rows(V.row(b, g, 0), V.st, V.sd, s.Tk, paired<op_t>, s, vp + i * size);
+      if (vp) pack_rows<paired<op_t>>(V.row(b, g, 0), V.st, V.sd, s.Tk, s, vp + i * size);
     }
   });
 }
@@ -598,10 +603,10 @@ void pack_queries(const Shape& s, const at::Tensor& q, const at::Tensor& grad, c
     std::vector<acc_t> dO(s.Dp), o(s.Dp);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / s.H, h = bh % s.H, head = bh * s.Tq * s.Dp;
-      pack_rows(Q.row(b, h, 0), Q.st, Q.sd, s.Tq, false, s, qa + head);
-      pack_rows(G.row(b, h, 0), G.st, G.sd, s.Tq, false, s, doa + head);
-      if (qb) pack_rows(Q.row(b, h, 0), Q.st, Q.sd, s.Tq, true, s, qb + head);
-      if (dob) pack_rows(G.row(b, h, 0), G.st, G.sd, s.Tq, true, s, dob + head);
+      pack_rows<false>(Q.row(b, h, 0), Q.st, Q.sd, s.Tq, s, qa + head);
+      pack_rows<false>(G.row(b, h, 0), G.st, G.sd, s.Tq, s, doa + head);
+      if (qb) pack_rows<true>(Q.row(b, h, 0), Q.st, Q.sd, s.Tq, s, qb + head);
+      if (dob) pack_rows<true>(G.row(b, h, 0), G.st, G.sd, s.Tq, s, dob + head);
       for (int64_t t = 0; t < s.T; ++t) {
         load_row(G.row(b, h, t), G.sd, s.D, s.Dp, acc_t(1), dO.data());
         load_row(O.row(b, h, t), O.sd, s.D, s.Dp, acc_t(1), o.data());
