@@ -293,35 +293,36 @@ Shape shape_of(const at::Tensor& q, const at::Tensor& k) {
 }
 
 // --8<-- [start:pack]
-// Keys transposed, (Dp, Tk): column t is key t, so a product's B operand reads keys along a row.
-// Values (or keys) as rows, (Tk, Dp). Zeros pad the head dimension and the last tile. Element
-// (i, j) goes to dst[at_(i, j, ld)]: row by row, or for bfloat16 products in the pair layout.
-template <typename scalar_t, typename op_t>
-void pack_transposed(const scalar_t* src, int64_t st, int64_t sd, const Shape& s, op_t* dst) {
-  constexpr int64_t TB = 16;  // keys per block: 16 rows read, one cache line of each column written
-  constexpr int64_t step = paired<op_t> ? 2 : 1;  // from one key to the next in a packed row
-  for (int64_t t0 = 0; t0 < s.Tk; t0 += TB) {
-    const int64_t tn = std::clamp<int64_t>(s.T - t0, 0, TB);
-    for (int64_t c = 0; c < s.Dp; ++c) {
-      op_t* out = dst + at_<op_t>(c, t0, s.Tk);
-      for (int64_t t = 0; t < TB; ++t)
-        out[t * step] = c < s.D && t < tn ? static_cast<op_t>(src[(t0 + t) * st + c * sd]) : op_t(0);
-    }
-  }
-}
-
+// Rows 0..rows-1 of a (T, D) matrix, as (rows, Dp) with zeros after the first `valid` rows and
+// D columns. Element (i, j) goes to dst[at_(i, j, Dp)]: row by row, or in the pair layout.
 template <bool pairs, typename scalar_t, typename op_t>
-void pack_rows(const scalar_t* src, int64_t st, int64_t sd, int64_t rows, const Shape& s, op_t* dst) {
+void pack_rows(const scalar_t* src, int64_t st, int64_t sd, int64_t rows, int64_t valid, const Shape& s, op_t* dst) {
   constexpr int64_t step = pairs ? 2 : 1;  // from one column to the next in a packed row
   for (int64_t t = 0; t < rows; ++t) {
     op_t* out = dst + at_(t, 0, s.Dp, pairs);
     const scalar_t* in = src + t * st;
-    const int64_t n = t < s.T ? s.D : 0;
+    const int64_t n = t < valid ? s.D : 0;
     if (sd == 1)  // the usual layout, a loop the compiler vectorises
       for (int64_t c = 0; c < n; ++c) out[c * step] = static_cast<op_t>(in[c]);
     else
       for (int64_t c = 0; c < n; ++c) out[c * step] = static_cast<op_t>(in[c * sd]);
     for (int64_t c = n; c < s.Dp; ++c) out[c * step] = op_t(0);
+  }
+}
+
+// Keys transposed, (Dp, Tk): column t is key t, so a product's B operand reads keys along a row.
+// A block of 16 keys is packed as rows, then transposed in units of one element, or of one pair
+// of elements (32 bits) in the pair layout, where (K[t][c], K[t][c+1]) stay side by side.
+template <typename scalar_t, typename op_t>
+void pack_transposed(const scalar_t* src, int64_t st, int64_t sd, const Shape& s, op_t* dst) {
+  constexpr int64_t TB = 16, unit = paired<op_t> ? 2 : 1;  // keys per block, elements per unit
+  const int64_t units = s.Dp / unit;
+  std::vector<op_t> block(TB * s.Dp);  // (TB, Dp)
+  for (int64_t t0 = 0; t0 < s.Tk; t0 += TB) {
+    pack_rows<false>(src + std::min(t0, s.T) * st, st, sd, TB, std::clamp<int64_t>(s.T - t0, 0, TB), s, block.data());
+    for (int64_t u = 0; u < units; ++u)  // unit u of key t0 + t: dst[u][t0 + t] = block[t][u]
+      for (int64_t t = 0; t < TB; ++t)
+        std::memcpy(dst + (u * s.Tk + t0 + t) * unit, block.data() + t * s.Dp + u * unit, unit * sizeof(op_t));
   }
 }
 // --8<-- [end:pack]
@@ -383,7 +384,7 @@ void forward_tile(const ForwardArgs<scalar_t, op_t, acc_t>& a, int64_t b, int64_
   using Vec = at::vec::Vectorized<acc_t>;
   const Shape& s = a.s;
   const int64_t g = h / s.rep(), q0 = qt * BQ, qn = std::min(BQ, s.T - q0), Dp = s.Dp;
-  pack_rows<false>(a.q.row(b, h, q0), a.q.st, a.q.sd, qn, s, Q);
+  pack_rows<false>(a.q.row(b, h, q0), a.q.st, a.q.sd, qn, qn, s, Q);
   std::fill(O, O + qn * Dp, acc_t(0));
   std::fill(m, m + qn, neg_inf<acc_t>);
   std::fill(l, l + qn, acc_t(0));
@@ -436,9 +437,9 @@ void pack_keys_values(const Shape& s, const at::Tensor& k, const at::Tensor& v, 
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / s.Hkv, g = i % s.Hkv;
       if (kt) pack_transposed(K.row(b, g, 0), K.st, K.sd, s, kt + i * size);
-      if (kp) pack_rows<paired<op_t>>(K.row(b, g, 0), K.st, K.sd, s.Tk, s, kp + i * size);
+      if (kp) pack_rows<paired<op_t>>(K.row(b, g, 0), K.st, K.sd, s.Tk, s.T, s, kp + i * size);
       if (vt) pack_transposed(V.row(b, g, 0), V.st, V.sd, s, vt + i * size);
-      if (vp) pack_rows<paired<op_t>>(V.row(b, g, 0), V.st, V.sd, s.Tk, s, vp + i * size);
+      if (vp) pack_rows<paired<op_t>>(V.row(b, g, 0), V.st, V.sd, s.Tk, s.T, s, vp + i * size);
     }
   });
 }
@@ -603,10 +604,10 @@ void pack_queries(const Shape& s, const at::Tensor& q, const at::Tensor& grad, c
     std::vector<acc_t> dO(s.Dp), o(s.Dp);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / s.H, h = bh % s.H, head = bh * s.Tq * s.Dp;
-      pack_rows<false>(Q.row(b, h, 0), Q.st, Q.sd, s.Tq, s, qa + head);
-      pack_rows<false>(G.row(b, h, 0), G.st, G.sd, s.Tq, s, doa + head);
-      if (qb) pack_rows<true>(Q.row(b, h, 0), Q.st, Q.sd, s.Tq, s, qb + head);
-      if (dob) pack_rows<true>(G.row(b, h, 0), G.st, G.sd, s.Tq, s, dob + head);
+      pack_rows<false>(Q.row(b, h, 0), Q.st, Q.sd, s.Tq, s.T, s, qa + head);
+      pack_rows<false>(G.row(b, h, 0), G.st, G.sd, s.Tq, s.T, s, doa + head);
+      if (qb) pack_rows<true>(Q.row(b, h, 0), Q.st, Q.sd, s.Tq, s.T, s, qb + head);
+      if (dob) pack_rows<true>(G.row(b, h, 0), G.st, G.sd, s.Tq, s.T, s, dob + head);
       for (int64_t t = 0; t < s.T; ++t) {
         load_row(G.row(b, h, t), G.sd, s.D, s.Dp, acc_t(1), dO.data());
         load_row(O.row(b, h, t), O.sd, s.D, s.Dp, acc_t(1), o.data());
