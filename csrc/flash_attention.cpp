@@ -160,8 +160,11 @@ BF16_TARGET void mm_block(const Operands<c10::BFloat16, float>& o, int64_t r0, i
   const int64_t ldb = o.ldb, ldc = o.ldc;  // locals: the stores below may alias any memory
   __m512 acc[R][NC];
   float* c = o.c + r0 * ldc + c0;
+  const __mmask16 keep = o.accumulate ? 0xFFFF : 0;  // C's old values, or zeros
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NC; ++n) acc[r][n] = _mm512_maskz_loadu_ps(o.accumulate ? 0xFFFF : 0, c + r * ldc + n * W);
+#pragma GCC unroll 8
+    for (int n = 0; n < NC; ++n) acc[r][n] = _mm512_maskz_loadu_ps(keep, c + r * ldc + n * W);
   const c10::BFloat16* a = o.a + r0 * ra;
   for (int64_t kk = k0 / 2; kk < (k1 + 1) / 2; ++kk) {
     const c10::BFloat16* b = o.b + (kk * ldb + c0) * 2;  // B's pair row kk, from column c0
@@ -174,7 +177,9 @@ BF16_TARGET void mm_block(const Operands<c10::BFloat16, float>& o, int64_t r0, i
       for (int n = 0; n < NC; ++n) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], ar, bv[n]);
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int n = 0; n < NC; ++n) _mm512_storeu_ps(c + r * ldc + n * W, acc[r][n]);
 }
 
