@@ -183,15 +183,33 @@ BF16_TARGET void mm_block(const Operands<c10::BFloat16, float>& o, int64_t r0, i
     for (int n = 0; n < NC; ++n) _mm512_storeu_ps(c + r * ldc + n * W, acc[r][n]);
 }
 
+// The order that puts two rows x, y of 16 bfloat16, held as one vector (x low, y high), side by
+// side: (x_0, y_0, x_1, y_1, ...), for _mm512_permutexvar_epi16.
+BF16_TARGET __m512i side_by_side() {
+  alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_load_si512(order);
+}
+
+// Two contiguous rows x, y of D bfloat16 (zeros for a null row) side by side, into one row of the
+// pair layout padded with zeros to Dp (a multiple of 16): dst[2c] = x[c], dst[2c + 1] = y[c].
+BF16_TARGET void pair_of_rows(const c10::BFloat16* x, const c10::BFloat16* y, int64_t D, int64_t Dp, c10::BFloat16* dst) {
+  const __m512i order = side_by_side();
+  for (int64_t c = 0; c < Dp; c += 16) {
+    const __mmask16 m = D - c >= 16 ? 0xFFFF : D > c ? (1u << (D - c)) - 1 : 0;  // columns from D: 0
+    const __m256i xv = x ? _mm256_maskz_loadu_epi16(m, x + c) : _mm256_setzero_si256();
+    const __m256i yv = y ? _mm256_maskz_loadu_epi16(m, y + c) : _mm256_setzero_si256();
+    const __m512i xy = _mm512_inserti64x4(_mm512_castsi256_si512(xv), yv, 1);
+    _mm512_storeu_si512(dst + 2 * c, _mm512_permutexvar_epi16(order, xy));
+  }
+}
+
 // The first kn columns of rows 0..rows-1 of a (rows, BK) float32 tile, rounded to bfloat16 (to
 // nearest even) with zeros up to the next 16 columns: as rows (dst[r][j]) for a product that sums
 // over j, or in the pair layout (dst[at_(r, j, BK)], a missing last row zeros) for one that sums
 // over r, that is, reads the tile transposed.
 BF16_TARGET void round_tile(const float* S, int64_t rows, int64_t kn, bool pairs, c10::BFloat16* dst) {
-  alignas(64) static const uint16_t interleave[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
-                                                      21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
-                                                      11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i order = _mm512_load_si512(interleave);  // (x_0, y_0, x_1, y_1, ...)
+  const __m512i order = side_by_side();
   for (int64_t r = 0; r < rows; r += pairs ? 2 : 1) {
     for (int64_t j = 0; j < kn; j += 16) {
       const __mmask16 m = kn - j >= 16 ? 0xFFFF : (1u << (kn - j)) - 1;  // columns from kn: 0
@@ -303,6 +321,16 @@ Shape shape_of(const at::Tensor& q, const at::Tensor& k) {
 template <bool pairs, typename scalar_t, typename op_t>
 void pack_rows(const scalar_t* src, int64_t st, int64_t sd, int64_t rows, int64_t valid, const Shape& s, op_t* dst) {
   constexpr int64_t step = pairs ? 2 : 1;  // from one column to the next in a packed row
+#if GPT_BF16_DOT
+  if constexpr (pairs && paired<op_t> && std::is_same_v<scalar_t, op_t>) {
+    if (sd == 1) {  // the usual layout: two rows at a time, in vectors (rows is even)
+      for (int64_t t = 0; t < rows; t += 2)
+        pair_of_rows(t < valid ? src + t * st : nullptr, t + 1 < valid ? src + (t + 1) * st : nullptr, s.D, s.Dp,
+                     dst + t * s.Dp);
+      return;
+    }
+  }
+#endif
   for (int64_t t = 0; t < rows; ++t) {
     op_t* out = dst + at_(t, 0, s.Dp, pairs);
     const scalar_t* in = src + t * st;
