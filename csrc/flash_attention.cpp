@@ -204,21 +204,6 @@ BF16_TARGET void pair_of_rows(const c10::BFloat16* x, const c10::BFloat16* y, in
   }
 }
 
-// Keys t0..t0+15 transposed into the pair layout from rows contiguous along an even head dimension
-// D: unit cc of key t is the 32-bit pair (K[t][2cc], K[t][2cc+1]) as it lies in the row, so one
-// gather reads unit cc of all 16 keys (zeros for the keys from tn and the units from D / 2).
-BF16_TARGET void gather_pairs(const c10::BFloat16* src, int64_t st, int64_t tn, int64_t D, int64_t Dp, int64_t Tk,
-                              c10::BFloat16* dst) {
-  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(static_cast<int>(2 * st)));  // byte offsets
-  const __mmask16 keys = tn >= 16 ? 0xFFFF : (1u << tn) - 1;
-  for (int64_t cc = 0; cc < Dp / 2; ++cc) {
-    const __m512i pairs = 2 * cc < D ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), keys, rows, src + 2 * cc, 1)
-                                     : _mm512_setzero_si512();
-    _mm512_storeu_si512(dst + cc * Tk * 2, pairs);  // pair row cc, keys t0..t0+15
-  }
-}
-
 // The first kn columns of rows 0..rows-1 of a (rows, BK) float32 tile, rounded to bfloat16 (to
 // nearest even) with zeros up to the next 16 columns: as rows (dst[r][j]) for a product that sums
 // over j, or in the pair layout (dst[at_(r, j, BK)], a missing last row zeros) for one that sums
@@ -365,16 +350,6 @@ template <typename scalar_t, typename op_t>
 void pack_transposed(const scalar_t* src, int64_t st, int64_t sd, const Shape& s, op_t* dst) {
   constexpr int64_t TB = 16, unit = paired<op_t> ? 2 : 1;  // keys per block, elements per unit
   const int64_t units = s.Dp / unit;
-#if GPT_BF16_DOT
-  if constexpr (paired<op_t> && std::is_same_v<scalar_t, op_t>) {
-    if (sd == 1 && s.D % 2 == 0 && 2 * TB * st < INT32_MAX) {  // the usual layout: gathered pairs
-      for (int64_t t0 = 0; t0 < s.Tk; t0 += TB)
-        gather_pairs(src + std::min(t0, s.T) * st, st, std::clamp<int64_t>(s.T - t0, 0, TB), s.D, s.Dp, s.Tk,
-                     dst + t0 * unit);
-      return;
-    }
-  }
-#endif
   std::vector<op_t> block(TB * s.Dp);  // (TB, Dp)
   for (int64_t t0 = 0; t0 < s.Tk; t0 += TB) {
     pack_rows<false>(src + std::min(t0, s.T) * st, st, sd, TB, std::clamp<int64_t>(s.T - t0, 0, TB), s, block.data());
