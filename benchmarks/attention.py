@@ -262,6 +262,10 @@ def run(args) -> None:
     report = {
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # How flash multiplies bfloat16 tiles on this CPU (GPT_FLASH_BF16_WIDEN forces widening).
+        "flash_bf16_products": "bfloat16 dot products (AVX512-BF16)"
+        if torch.ops.gpt_flash.bf16_dot_products()
+        else "widened to float32",
         "gpu": torch.cuda.get_device_name() if "cuda" in devices else None,
         "score_elements": SCORE_ELEMENTS,
         "head_dim": HEAD_DIM,
@@ -531,6 +535,8 @@ def to_markdown(report: dict, threads: list[int]) -> str:
     for step, title in (("fwd", "forward"), ("fwd+bwd", "forward+backward")):
         lines += ["", f"**Attention core** softmax(mask(q k^T / 8)) v, head dim {HEAD_DIM}, "
                   f"{title}, median ms", ""]  # fmt: skip
+        if step == "fwd" and "flash_bf16_products" in report:  # older runs do not say
+            lines += [f"flash's bfloat16 tile products on the CPU: {report['flash_bf16_products']}", ""]
         lines += [markdown_table(
             ["device", "dtype", "T", "B*H", *PATHS, "plain / flash", "sdpa / flash"],
             [[_where(r), r["dtype"], r["T"], r["BH"], *(_ms(r, f"{p} {step}") for p in PATHS),

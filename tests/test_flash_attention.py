@@ -8,6 +8,10 @@ of the kernel's tile of 64, head dims 32 to 128 including ones that are not a wh
 vectors, several batches and heads, and strided inputs; the benchmark uses B = 1, head dim 64 and
 T a power of two. Where the extension cannot be built the tests skip (or fail under
 ``GPT_REQUIRE_FUSED=1``), as in ``test_fused_softmax.py``.
+
+bfloat16 runs two ways on the CPU: with bfloat16 dot products (``vdpbf16ps``) where the CPU has
+AVX512-BF16, and widened to float32 elsewhere or under ``GPT_FLASH_BF16_WIDEN``; the ``bf16_path``
+fixture runs a test both ways, and the dot-product way skips on a CPU without the instructions.
 """
 
 import math
@@ -47,6 +51,18 @@ def built(request):
     if os.environ.get("GPT_REQUIRE_FUSED") == "1":
         pytest.fail(f"GPT_REQUIRE_FUSED=1 but the extension was not built: {reason}")
     pytest.skip(f"the extension could not be built: {reason}")
+
+
+@pytest.fixture(params=["dot", "widened"])
+def bf16_path(request, monkeypatch):
+    """Which products bfloat16 runs on the CPU: bfloat16 dot products, or widened to float32."""
+    monkeypatch.delenv("GPT_FLASH_BF16_WIDEN", raising=False)
+    if request.param == "widened":
+        monkeypatch.setenv("GPT_FLASH_BF16_WIDEN", "1")
+    elif not torch.ops.gpt_flash.bf16_dot_products():
+        pytest.skip("this CPU has no AVX512-BF16 (or the library was built without AVX-512)")
+    assert torch.ops.gpt_flash.bf16_dot_products() == (request.param == "dot")
+    return request.param
 
 
 def reference(q, k, v, scale):
@@ -115,11 +131,57 @@ def test_float32_matches_the_float64_eager_path(shape, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(2, 2, 2, 33, 32), (1, 2, 1, 150, 64), (1, 1, 1, 70, 128)])
-def test_half_types_match_with_float32_sums(shape, dtype, device):
-    q, k, v, grad = random_qkv(*shape, dtype=dtype, device=device)
-    assert_matches(both_ways(q, k, v, 1 / math.sqrt(shape[-1]), grad), dtype)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 32), (2, 2, 2, 33, 32), (1, 2, 1, 150, 64), (1, 1, 1, 70, 128)])
+def test_float16_matches_with_float32_sums(shape, device):
+    q, k, v, grad = random_qkv(*shape, dtype=torch.float16, device=device)
+    assert_matches(both_ways(q, k, v, 1 / math.sqrt(shape[-1]), grad), torch.float16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 32), (2, 2, 2, 33, 32), (1, 2, 1, 150, 64), (1, 1, 1, 70, 128)])
+def test_bfloat16_matches_with_float32_sums(shape, device, bf16_path):
+    q, k, v, grad = random_qkv(*shape, dtype=torch.bfloat16, device=device)
+    assert_matches(both_ways(q, k, v, 1 / math.sqrt(shape[-1]), grad), torch.bfloat16)
+
+
+def eager_bfloat16(q, k, v, scale, grad):
+    """PyTorch's own bfloat16 path: every product and the softmax in bfloat16, autograd's backward."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    rep = q.shape[1] // k.shape[1]
+    keys, values = (t.repeat_interleave(rep, dim=1) for t in leaves[1:])
+    out = causal_softmax(leaves[0] @ keys.transpose(-2, -1), scale, causal_mask(q.shape[2])) @ values
+    out.backward(grad)
+    return (out.detach(), *(t.grad for t in leaves))
+
+
+def relative_error(got, want):
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+# (B, H, H_kv, T, D): tails of a tile, odd T (a last pair of query rows with one row), head dims
+# that are not a multiple of 32 (40, 72) or of 16 (72 pads to 80), grouped key/value heads.
+BF16_SHAPES = [(2, 3, 3, 17, 32), (1, 2, 2, 63, 40), (2, 4, 2, 65, 64), (1, 2, 1, 131, 72), (1, 2, 2, 200, 128)]
+
+
+@pytest.mark.parametrize("shape", BF16_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_bfloat16_error_is_at_most_twice_eager_bfloat16s(shape, strided, bf16_path):
+    # Rounding P and dS to bfloat16 before their products costs accuracy; PyTorch's own bfloat16
+    # path rounds the scores, the probabilities and every product's result, so it is the yardstick:
+    # against float64, each of out, dq, dk, dv may be at most twice as far off as eager bfloat16's
+    # (measured on these shapes: 0.46x to 0.81x with dot products, 0.36x to 0.62x widened). Read
+    # with a wrong stride for A's pairs, the dot-product kernel fails this on every shape.
+    q, k, v, grad = random_qkv(*shape, dtype=torch.bfloat16)
+    if strided:  # (B, T, H, D) in memory, as the model's projections are, and v transposed
+        q, k, grad = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, grad))
+        v = v.transpose(2, 3).contiguous().transpose(2, 3)
+        assert not (q.is_contiguous() or v.is_contiguous())
+    scale = 1 / math.sqrt(shape[-1])
+    flash, want = both_ways(q, k, v, scale, grad)
+    eager = eager_bfloat16(q, k, v, scale, grad)
+    for name, got, yardstick, ref in zip(("out", "dq", "dk", "dv"), flash, eager, want, strict=True):
+        assert got.dtype == torch.bfloat16, name
+        assert relative_error(got, ref) <= 2 * relative_error(yardstick, ref), name
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -184,6 +246,17 @@ def test_large_scores_stay_finite():
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     q, k, v, grad = random_qkv(1, 4, 2, 70, 32, device=device)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.gpt_flash.causal_attention, (q, k, v, 0.3))
+    out, lse = torch.ops.gpt_flash.causal_attention(q, k, v, 0.3)
+    torch.library.opcheck(
+        torch.ops.gpt_flash.causal_attention_backward,
+        (grad, q.detach(), k.detach(), v.detach(), out.detach(), lse, 0.3),
+    )
+
+
+def test_opcheck_bfloat16(bf16_path):
+    q, k, v, grad = random_qkv(1, 4, 2, 70, 40, dtype=torch.bfloat16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     torch.library.opcheck(torch.ops.gpt_flash.causal_attention, (q, k, v, 0.3))
     out, lse = torch.ops.gpt_flash.causal_attention(q, k, v, 0.3)
