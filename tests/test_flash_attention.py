@@ -131,14 +131,18 @@ def test_float32_matches_the_float64_eager_path(shape, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 32), (2, 2, 2, 33, 32), (1, 2, 1, 150, 64), (1, 1, 1, 70, 128)])
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1, 1, 32), (2, 2, 2, 33, 32), (1, 2, 1, 150, 64), (1, 1, 1, 70, 128)]
+)
 def test_float16_matches_with_float32_sums(shape, device):
     q, k, v, grad = random_qkv(*shape, dtype=torch.float16, device=device)
     assert_matches(both_ways(q, k, v, 1 / math.sqrt(shape[-1]), grad), torch.float16)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 32), (2, 2, 2, 33, 32), (1, 2, 1, 150, 64), (1, 1, 1, 70, 128)])
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1, 1, 32), (2, 2, 2, 33, 32), (1, 2, 1, 150, 64), (1, 1, 1, 70, 128)]
+)
 def test_bfloat16_matches_with_float32_sums(shape, device, bf16_path):
     q, k, v, grad = random_qkv(*shape, dtype=torch.bfloat16, device=device)
     assert_matches(both_ways(q, k, v, 1 / math.sqrt(shape[-1]), grad), torch.bfloat16)
@@ -149,7 +153,9 @@ def eager_bfloat16(q, k, v, scale, grad):
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     rep = q.shape[1] // k.shape[1]
     keys, values = (t.repeat_interleave(rep, dim=1) for t in leaves[1:])
-    out = causal_softmax(leaves[0] @ keys.transpose(-2, -1), scale, causal_mask(q.shape[2])) @ values
+    out = (
+        causal_softmax(leaves[0] @ keys.transpose(-2, -1), scale, causal_mask(q.shape[2])) @ values
+    )
     out.backward(grad)
     return (out.detach(), *(t.grad for t in leaves))
 
@@ -160,7 +166,13 @@ def relative_error(got, want):
 
 # (B, H, H_kv, T, D): tails of a tile, odd T (a last pair of query rows with one row), head dims
 # that are not a multiple of 32 (40, 72) or of 16 (72 pads to 80), grouped key/value heads.
-BF16_SHAPES = [(2, 3, 3, 17, 32), (1, 2, 2, 63, 40), (2, 4, 2, 65, 64), (1, 2, 1, 131, 72), (1, 2, 2, 200, 128)]
+BF16_SHAPES = [
+    (2, 3, 3, 17, 32),
+    (1, 2, 2, 63, 40),
+    (2, 4, 2, 65, 64),
+    (1, 2, 1, 131, 72),
+    (1, 2, 2, 200, 128),
+]
 
 
 @pytest.mark.parametrize("shape", BF16_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -179,7 +191,9 @@ def test_bfloat16_error_is_at_most_twice_eager_bfloat16s(shape, strided, bf16_pa
     scale = 1 / math.sqrt(shape[-1])
     flash, want = both_ways(q, k, v, scale, grad)
     eager = eager_bfloat16(q, k, v, scale, grad)
-    for name, got, yardstick, ref in zip(("out", "dq", "dk", "dv"), flash, eager, want, strict=True):
+    for name, got, yardstick, ref in zip(
+        ("out", "dq", "dk", "dv"), flash, eager, want, strict=True
+    ):
         assert got.dtype == torch.bfloat16, name
         assert relative_error(got, ref) <= 2 * relative_error(yardstick, ref), name
 
@@ -243,9 +257,8 @@ def test_large_scores_stay_finite():
         torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
-    q, k, v, grad = random_qkv(1, 4, 2, 70, 32, device=device)
+def opcheck_both(q, k, v, grad):
+    """torch.library.opcheck on the forward (with autograd) and on the backward as autograd calls it."""
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     torch.library.opcheck(torch.ops.gpt_flash.causal_attention, (q, k, v, 0.3))
     out, lse = torch.ops.gpt_flash.causal_attention(q, k, v, 0.3)
@@ -253,17 +266,15 @@ def test_opcheck(device):
         torch.ops.gpt_flash.causal_attention_backward,
         (grad, q.detach(), k.detach(), v.detach(), out.detach(), lse, 0.3),
     )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    opcheck_both(*random_qkv(1, 4, 2, 70, 32, device=device))
 
 
 def test_opcheck_bfloat16(bf16_path):
-    q, k, v, grad = random_qkv(1, 4, 2, 70, 40, dtype=torch.bfloat16)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(torch.ops.gpt_flash.causal_attention, (q, k, v, 0.3))
-    out, lse = torch.ops.gpt_flash.causal_attention(q, k, v, 0.3)
-    torch.library.opcheck(
-        torch.ops.gpt_flash.causal_attention_backward,
-        (grad, q.detach(), k.detach(), v.detach(), out.detach(), lse, 0.3),
-    )
+    opcheck_both(*random_qkv(1, 4, 2, 70, 40, dtype=torch.bfloat16))
 
 
 # A known bug, not understood yet: where PyTorch runs its AVX2 kernels (ATEN_CPU_CAPABILITY=avx2, or a
