@@ -136,12 +136,6 @@ def widened(window: range, losses: list[float], n_options: int) -> range:
     return window
 
 
-def plan(design: Design, n_train: int) -> list[dict]:
-    """The runs each budget starts from, before any is widened."""
-    return [run for options in sizes(design, n_train).values()
-            for run in (options[i] for i in first_window(options, design))]  # fmt: skip
-
-
 # --8<-- [end:design]
 
 

@@ -60,16 +60,31 @@ def test_the_isoflop_parabolas_recover_the_exponents():
     assert a == pytest.approx(true_a, abs=0.03) and b == pytest.approx(1 - true_a, abs=0.03)
 
 
+def first_runs(design, n_train):
+    """The runs each budget of ``design`` starts from, before any window is widened."""
+    return [run for options in scaling.sizes(design, n_train).values()
+            for run in (options[i] for i in scaling.first_window(options, design))]  # fmt: skip
+
+
 def test_the_plan_spends_each_budget_and_reads_no_token_twice():
     for design in (scaling.QUICK, scaling.FULL):
-        runs = scaling.plan(design, n_train=13_000_000)
+        runs = first_runs(design, n_train=13_000_000)
         assert len(runs) >= 10 and len({r["budget"] for r in runs}) >= 3
         tokens_per_step = design.batch_size * design.context_length
         for r in runs:
             assert r["C"] == pytest.approx(r["budget"], rel=0.05)  # whole steps: a little off
             assert r["D"] == r["steps"] * tokens_per_step <= 13_000_000
-    runs = scaling.plan(scaling.FULL, n_train=13_000_000)
+    runs = first_runs(scaling.FULL, n_train=13_000_000)
     assert all(sum(r["budget"] == budget for r in runs) >= 5 for budget in scaling.FULL.budgets)
+
+
+def test_a_window_widens_towards_a_minimum_at_its_edge():
+    # losses of the window's sizes, smallest model first; 10 sizes fit the budget in all
+    assert scaling.widened(range(2, 6), [3.0, 3.1, 3.2, 3.3], 10) == range(1, 6)
+    assert scaling.widened(range(2, 6), [3.3, 3.2, 3.1, 3.0], 10) == range(2, 7)
+    assert scaling.widened(range(2, 6), [3.2, 3.0, 3.1, 3.3], 10) == range(2, 6)  # inside
+    assert scaling.widened(range(0, 4), [3.0, 3.1, 3.2, 3.3], 10) == range(0, 4)  # none smaller
+    assert scaling.widened(range(6, 10), [3.3, 3.2, 3.1, 3.0], 10) == range(6, 10)  # none larger
 
 
 TINY = scaling.Design(budgets=(3e8,), depths=(1, 2, 3), sizes_per_budget=3, vocab_size=300,
